@@ -1,0 +1,140 @@
+"""Clusters: what the planner knows about the hardware (presets, explicit figures, or this host)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+
+from fxplan.errors import ClusterError
+
+GiB = 1024**3
+
+# Public figures: dense bf16 peak, HBM, NVLink bus bandwidth per GPU (one direction, what a ring
+# all-reduce sees), one InfiniBand NIC per GPU. Efficiency is the fraction of peak a large
+# transformer matmul reaches (DESIGN.md: H100 eager measured 598 of 790 TFLOP/s at hidden 8192).
+_PRESETS = {
+    "a100-40g": dict(memory_bytes=40 * GiB, peak_flops=312e12, intra_bw=240e9, inter_bw=25e9,
+                     intra_latency=5e-6, inter_latency=10e-6, max_efficiency=0.75, half_efficiency_dim=512),
+    "a100-80g": dict(memory_bytes=80 * GiB, peak_flops=312e12, intra_bw=240e9, inter_bw=25e9,
+                     intra_latency=5e-6, inter_latency=10e-6, max_efficiency=0.75, half_efficiency_dim=512),
+    "h100-80g": dict(memory_bytes=80 * GiB, peak_flops=989e12, intra_bw=370e9, inter_bw=50e9,
+                     intra_latency=4e-6, inter_latency=8e-6, max_efficiency=0.76, half_efficiency_dim=700),
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Cluster:
+    """A homogeneous cluster of `nodes` x `devices_per_node` devices."""
+
+    nodes: int = 1
+    """Number of hosts."""
+    devices_per_node: int = 8
+    """Devices (GPUs, or CPU processes for a local gloo run) per host."""
+    memory_bytes: float
+    """Usable memory of one device, bytes."""
+    peak_flops: float
+    """Dense peak throughput of one device in the training precision, FLOP/s."""
+    intra_bw: float
+    """Bus bandwidth between devices of one host (per device, one direction), bytes/s."""
+    inter_bw: float
+    """Bandwidth between hosts per device, bytes/s."""
+    intra_latency: float = 5e-6
+    """Per-message latency inside a host, s (the alpha of alpha-beta)."""
+    inter_latency: float = 10e-6
+    """Per-message latency across hosts, s."""
+    max_efficiency: float = 0.75
+    """Fraction of peak reached by large matmuls."""
+    half_efficiency_dim: float = 512
+    """Matmul size (geometric mean of m, n, k) at which half of max_efficiency is reached."""
+    name: str = "custom"
+    """Preset name or 'custom' / 'local'."""
+    backend: str = "nccl"
+    """torch.distributed backend for real runs: 'nccl' or 'gloo'."""
+    dtype_bytes: int = 2
+    """Bytes per element of parameters and activations in the training precision (bf16: 2)."""
+    optimizer_bytes_per_param: int = 12
+    """Optimizer state plus master weights per parameter (Adam, mixed precision: fp32 m, v, master)."""
+
+    def __post_init__(self):
+        for field in ("nodes", "devices_per_node"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ClusterError(f"Cluster.{field} must be a positive integer, got {value!r}")
+        for field in ("memory_bytes", "peak_flops", "intra_bw", "inter_bw", "half_efficiency_dim"):
+            value = getattr(self, field)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+                raise ClusterError(f"Cluster.{field} must be a positive finite number, got {value!r}")
+        for field in ("intra_latency", "inter_latency"):
+            value = getattr(self, field)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ClusterError(f"Cluster.{field} must be a non-negative number, got {value!r}")
+        if not 0 < self.max_efficiency <= 1:
+            raise ClusterError(f"Cluster.max_efficiency must be in (0, 1], got {self.max_efficiency!r}")
+        if self.backend not in ("nccl", "gloo"):
+            raise ClusterError(f"Cluster.backend must be 'nccl' or 'gloo', got {self.backend!r}")
+        if self.dtype_bytes not in (1, 2, 4, 8):
+            raise ClusterError(f"Cluster.dtype_bytes must be 1, 2, 4 or 8, got {self.dtype_bytes!r}")
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.devices_per_node
+
+    def node_of(self, rank: int) -> int:
+        return rank // self.devices_per_node
+
+    @staticmethod
+    def presets() -> list[str]:
+        return sorted(_PRESETS)
+
+    @classmethod
+    def preset(cls, name: str, nodes: int = 1, devices_per_node: int = 8, **overrides) -> "Cluster":
+        """A cluster of a known device type, e.g. Cluster.preset("a100-80g", nodes=4, devices_per_node=8)."""
+        key = str(name).lower()
+        if key not in _PRESETS:
+            raise ClusterError(f"unknown cluster preset {name!r}; known presets: {', '.join(cls.presets())}")
+        fields = {**_PRESETS[key], **overrides}
+        return cls(nodes=nodes, devices_per_node=devices_per_node, name=key, **fields)
+
+    @classmethod
+    def parse(cls, spec: str) -> "Cluster":
+        """'a100-80g:4x8' -> 4 nodes of 8 devices (the CLI's --cluster)."""
+        name, _, shape = str(spec).partition(":")
+        if not shape:
+            return cls.preset(name)
+        try:
+            nodes, devices = (int(part) for part in shape.lower().split("x"))
+        except ValueError:
+            raise ClusterError(f"bad cluster {spec!r}: write PRESET:NODESxDEVICES, e.g. a100-80g:4x8") from None
+        return cls.preset(name, nodes=nodes, devices_per_node=devices)
+
+    @classmethod
+    def local(cls, world_size: int = 4, *, refresh: bool = False) -> "Cluster":
+        """This host as a cluster of `world_size` processes: its GPUs (NCCL) or CPU processes (gloo).
+
+        Throughput and bandwidth are measured once and cached in ~/.cache/fxplan/local.json.
+        """
+        from fxplan.local_probe import measure_local
+
+        if not isinstance(world_size, int) or world_size < 1:
+            raise ClusterError(f"Cluster.local(world_size=) must be a positive integer, got {world_size!r}")
+        figures = measure_local(world_size, refresh=refresh)
+        return cls(nodes=1, devices_per_node=world_size, name="local", **figures)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Cluster":
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise ClusterError(f"bad cluster description: {exc}") from None
+
+    def describe(self) -> str:
+        return (f"{self.name} {self.nodes}x{self.devices_per_node}: {self.memory_bytes / GiB:.0f} GiB, "
+                f"{self.peak_flops / 1e12:.0f} TFLOP/s, intra {self.intra_bw / 1e9:.0f} GB/s, "
+                f"inter {self.inter_bw / 1e9:.0f} GB/s")

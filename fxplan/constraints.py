@@ -1,0 +1,65 @@
+"""User pins on the search: pinned fields hold, unpinned ones are searched."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from fxplan.errors import ConstraintError
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h2", "zb-auto")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Constraints:
+    pp: int | None = None
+    """Pipeline degree (stages)."""
+    dp: int | None = None
+    """Data-parallel degree of every layer."""
+    tp: int | None = None
+    """Tensor-parallel degree of every layer."""
+    fsdp: bool | None = None
+    """Shard every layer's parameters/grads/optimizer state over its dp axis (True) or never (False)."""
+    schedule: str | None = None
+    """Pipeline schedule name (see fxplan.schedules)."""
+    microbatches: int | None = None
+    """Microbatches per iteration."""
+    recompute: bool | None = None
+    """Recompute every layer's forward in backward (True) or never (False)."""
+
+    def __post_init__(self):
+        for field in ("pp", "dp", "tp", "microbatches"):
+            value = getattr(self, field)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConstraintError(f"Constraints.{field} must be a positive integer or None, got {value!r}")
+        for field in ("fsdp", "recompute"):
+            value = getattr(self, field)
+            if value is not None and not isinstance(value, bool):
+                raise ConstraintError(f"Constraints.{field} must be True, False or None, got {value!r}")
+        if self.schedule is not None and self.schedule not in SCHEDULES:
+            raise ConstraintError(f"unknown schedule {self.schedule!r}; known: {', '.join(SCHEDULES)}")
+
+    @classmethod
+    def parse(cls, text: str) -> "Constraints":
+        """'pp=2,tp=4,fsdp=true' (the CLI's --pin)."""
+        values: dict = {}
+        for item in filter(None, (part.strip() for part in (text or "").split(","))):
+            key, sep, raw = item.partition("=")
+            key = key.strip()
+            if not sep or key not in cls.__dataclass_fields__:
+                raise ConstraintError(f"bad pin {item!r}: use key=value with key in {', '.join(cls.__dataclass_fields__)}")
+            raw = raw.strip()
+            if key in ("fsdp", "recompute"):
+                if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ConstraintError(f"bad pin {item!r}: {key} takes true or false")
+                values[key] = raw.lower() in ("true", "1", "yes")
+            elif key == "schedule":
+                values[key] = raw
+            else:
+                try:
+                    values[key] = int(raw)
+                except ValueError:
+                    raise ConstraintError(f"bad pin {item!r}: {key} takes an integer") from None
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

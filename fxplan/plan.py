@@ -1,0 +1,235 @@
+"""The Plan: what the planner decided, immutable, printable, and versioned JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
+
+from fxplan.errors import PlanFileError
+
+PLAN_FORMAT = "fxplan.plan"
+PLAN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One layer's intra-layer strategy on its stage's devices (dp * tp = devices of the stage)."""
+
+    dp: int
+    tp: int
+    fsdp: bool = False
+    recompute: bool = False
+    spec: str = "R"  # label of the tensor-parallel sharding (passes.ir.TPSpec.label); "R" when tp == 1
+
+    def __str__(self) -> str:
+        text = f"dp{self.dp}"
+        if self.tp > 1:
+            text += f"·tp{self.tp}[{self.spec}]"
+        if self.fsdp:
+            text += "·fsdp"
+        if self.recompute:
+            text += "·rc"
+        return text
+
+    def to_dict(self) -> dict:
+        return dict(dp=self.dp, tp=self.tp, fsdp=self.fsdp, recompute=self.recompute, spec=self.spec)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Strategy":
+        try:
+            return cls(dp=int(data["dp"]), tp=int(data["tp"]), fsdp=bool(data.get("fsdp", False)),
+                       recompute=bool(data.get("recompute", False)), spec=str(data.get("spec", "R")))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PlanFileError(f"bad strategy {data!r}: {exc}; each needs dp, tp (and optional fsdp, recompute, spec)") from None
+
+
+@dataclass(frozen=True)
+class Stage:
+    index: int
+    layers: tuple[str, ...]
+    devices: tuple[int, ...]
+    strategies: Mapping[str, Strategy]
+    estimated_memory_bytes: float = 0.0
+    estimated_compute_s: float = 0.0  # one microbatch's forward+backward on this stage
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "devices", tuple(int(d) for d in self.devices))
+        object.__setattr__(self, "strategies", MappingProxyType(dict(self.strategies)))
+
+
+@dataclass(frozen=True)
+class SolverInfo:
+    status: str = "n/a"  # "optimal" | "time_limit" | "given" | ...
+    objective: float = float("nan")
+    gap: float = 0.0  # relative MIP gap of the chosen candidate (0 when proven optimal)
+    seconds: float = 0.0
+    planner: str = "miqp"
+    candidates: int = 0  # (pp, microbatches, schedule) candidates considered
+    pruned: int = 0  # candidates skipped by lower bounds
+
+
+@dataclass(frozen=True)
+class Plan:
+    pp: int
+    microbatches: int
+    schedule: str
+    stages: tuple[Stage, ...]
+    estimated_iteration_s: float
+    solver: SolverInfo = SolverInfo()
+    batch_size: int = 0
+    world_size: int = 0
+    chunks: int = 1  # model chunks per rank (interleaved schedules)
+    assumptions: Mapping[str, object] = field(default_factory=dict)  # dtype_bytes, optimizer bytes, cluster
+    model: Mapping[str, object] = field(default_factory=dict)  # layer names and parameter count, to validate
+
+    def __post_init__(self):
+        object.__setattr__(self, "stages", tuple(self.stages))
+        object.__setattr__(self, "assumptions", MappingProxyType(dict(self.assumptions)))
+        object.__setattr__(self, "model", MappingProxyType(dict(self.model)))
+
+    # ------------------------------------------------------------ views
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return tuple(name for stage in self.stages for name in stage.layers)
+
+    def strategy(self, layer: str) -> Strategy:
+        for stage in self.stages:
+            if layer in stage.strategies:
+                return stage.strategies[layer]
+        raise KeyError(layer)
+
+    def stage_of(self, layer: str) -> int:
+        for stage in self.stages:
+            if layer in stage.strategies:
+                return stage.index
+        raise KeyError(layer)
+
+    def summary(self) -> str:
+        solver = self.solver
+        head = (f"fxplan plan: {self.world_size} devices, global batch {self.batch_size}, pp={self.pp}, "
+                f"microbatches={self.microbatches}, schedule={self.schedule}\n"
+                f"estimated iteration {self.estimated_iteration_s * 1e3:.3f} ms  "
+                f"(planner {solver.planner}, {solver.status}, gap {solver.gap:.2%}, {solver.seconds:.2f} s)")
+        rows = [head, f"{'stage':>5} {'devices':<14} {'memory GiB':>10}  layers: strategy"]
+        for stage in self.stages:
+            devs = stage.devices
+            dev_text = f"{devs[0]}-{devs[-1]}" if len(devs) > 1 else str(devs[0])
+            runs: list[tuple[str, str, str]] = []  # group consecutive layers with one strategy
+            for name in stage.layers:
+                text = str(stage.strategies[name])
+                if runs and runs[-1][2] == text:
+                    runs[-1] = (runs[-1][0], name, text)
+                else:
+                    runs.append((name, name, text))
+            body = ", ".join(f"{a}{'..' + b if b != a else ''}: {t}" for a, b, t in runs)
+            rows.append(f"{stage.index:>5} {dev_text:<14} {stage.estimated_memory_bytes / 2**30:>10.2f}  {body}")
+        return "\n".join(rows)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    # ------------------------------------------------------------ JSON
+    def to_dict(self) -> dict:
+        return {
+            "format": PLAN_FORMAT,
+            "version": PLAN_VERSION,
+            "pp": self.pp,
+            "microbatches": self.microbatches,
+            "schedule": self.schedule,
+            "chunks": self.chunks,
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+            "estimated_iteration_s": self.estimated_iteration_s,
+            "solver": _solver_dict(self.solver),
+            "assumptions": dict(self.assumptions),
+            "model": dict(self.model),
+            "stages": [
+                {
+                    "index": s.index,
+                    "layers": list(s.layers),
+                    "devices": list(s.devices),
+                    "strategies": {name: s.strategies[name].to_dict() for name in s.layers},
+                    "estimated_memory_bytes": s.estimated_memory_bytes,
+                    "estimated_compute_s": s.estimated_compute_s,
+                }
+                for s in self.stages
+            ],
+        }
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        try:
+            data = json.loads(text)
+        except (TypeError, ValueError) as exc:
+            raise PlanFileError(f"plan is not valid JSON ({exc}); pass the text of Plan.to_json()") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Plan":
+        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
+            raise PlanFileError("not an fxplan plan (missing \"format\": \"fxplan.plan\"); write it with Plan.to_json()")
+        if data.get("version") != PLAN_VERSION:
+            raise PlanFileError(f"plan version {data.get('version')!r} is not supported (this fxplan reads "
+                                f"version {PLAN_VERSION}); re-plan with this version")
+        try:
+            stages = tuple(
+                Stage(
+                    index=int(s["index"]),
+                    layers=tuple(s["layers"]),
+                    devices=tuple(s["devices"]),
+                    strategies={k: Strategy.from_dict(v) for k, v in s["strategies"].items()},
+                    estimated_memory_bytes=float(s.get("estimated_memory_bytes", 0.0)),
+                    estimated_compute_s=float(s.get("estimated_compute_s", 0.0)),
+                )
+                for s in data["stages"]
+            )
+            solver = SolverInfo(**data.get("solver", {}))
+            plan = cls(
+                pp=int(data["pp"]), microbatches=int(data["microbatches"]), schedule=str(data["schedule"]),
+                stages=stages, estimated_iteration_s=float(data["estimated_iteration_s"]), solver=solver,
+                batch_size=int(data.get("batch_size", 0)), world_size=int(data.get("world_size", 0)),
+                chunks=int(data.get("chunks", 1)), assumptions=data.get("assumptions", {}),
+                model=data.get("model", {}),
+            )
+        except PlanFileError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PlanFileError(f"malformed plan: {type(exc).__name__}: {exc}; write plans with Plan.to_json()") from None
+        plan.check_shape()
+        return plan
+
+    def check_shape(self) -> None:
+        """Structural checks that need no model: stage count, device cover, dp*tp per stage."""
+        if self.pp != len(self.stages) or self.pp < 1:
+            raise PlanFileError(f"plan says pp={self.pp} but has {len(self.stages)} stages")
+        if self.microbatches < 1:
+            raise PlanFileError(f"plan has microbatches={self.microbatches}; it must be >= 1")
+        seen: list[int] = []
+        for i, stage in enumerate(self.stages):
+            if stage.index != i:
+                raise PlanFileError(f"stage {i} has index {stage.index}; stages must be listed in pipeline order")
+            if not stage.layers:
+                raise PlanFileError(f"stage {i} has no layers; every stage needs at least one")
+            if set(stage.layers) != set(stage.strategies):
+                raise PlanFileError(f"stage {i}: every layer needs exactly one strategy")
+            n = len(stage.devices)
+            for name, strat in stage.strategies.items():
+                if strat.dp * strat.tp != n:
+                    raise PlanFileError(f"layer {name}: dp*tp = {strat.dp}*{strat.tp} but its stage has {n} devices")
+                if strat.fsdp and strat.dp == 1:
+                    raise PlanFileError(f"layer {name}: fsdp needs dp > 1")
+            seen.extend(stage.devices)
+        if len({len(s.devices) for s in self.stages}) != 1:
+            raise PlanFileError("every stage must have the same number of devices")
+        if self.world_size and sorted(seen) != list(range(self.world_size)):
+            raise PlanFileError(f"stages must cover devices 0..{self.world_size - 1} exactly once")
+
+
+def _solver_dict(solver: SolverInfo) -> dict:
+    return {f: getattr(solver, f) for f in SolverInfo.__dataclass_fields__}
