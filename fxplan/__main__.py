@@ -1,0 +1,5 @@
+import sys
+
+from fxplan.cli import main
+
+sys.exit(main())

@@ -1,0 +1,54 @@
+"""The per-rank program of `fxplan demo` (run by torchrun; see fxplan/demo.py)."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+
+import torch
+
+
+def main() -> None:
+    import fxplan
+    from fxplan.demo import demo_model_and_batch
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--plan", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    model, batches = demo_model_and_batch()
+    reference = copy.deepcopy(model)
+    with open(args.plan) as fh:
+        plan = fxplan.Plan.from_json(fh.read())
+    world = int(__import__("os").environ["WORLD_SIZE"])
+    compiled = fxplan.compile(model, batches[0], cluster=fxplan.Cluster.local(world_size=world), plan=plan,
+                              verbose=False)
+    runner = compiled.distribute()
+    opt = torch.optim.SGD(runner.parameters(), lr=0.1)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    losses, ref_losses = [], []
+    for step in range(args.steps):
+        batch = batches[step % len(batches)]
+        opt.zero_grad()
+        loss = runner.train_step(*batch)
+        opt.step()
+        losses.append(float(loss))
+        ref_opt.zero_grad()
+        ref_loss = reference(*batch)
+        ref_loss.backward()
+        ref_opt.step()
+        ref_losses.append(float(ref_loss))
+    full = runner.full_state_dict()
+    ref_state = reference.state_dict()
+    diff = max(float((full[k].float() - ref_state[k].float()).abs().max()) for k in ref_state)
+    if torch.distributed.get_rank() == 0:
+        with open(args.out, "w") as fh:
+            json.dump({"losses": losses, "reference": ref_losses, "max_param_diff": diff}, fh)
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""The planning pipeline: trace -> coarsen -> strategy space -> cost model -> search -> Plan."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from fxplan.cluster import Cluster
+from fxplan.constraints import Constraints
+from fxplan.errors import ConstraintError, InfeasiblePlanError, PlanFileError
+from fxplan.plan import Plan, SolverInfo, Stage, Strategy
+
+PLANNERS = ("miqp", "grid", "exhaustive")
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """What every rank derives from the model alone (deterministic, no measurement)."""
+
+    traced: object  # passes.trace.Traced
+    layer_graph: object  # passes.ir.LayerGraph
+    space: object  # passes.ir.StrategySpace
+    tp_degrees: tuple[int, ...]
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def pipeline_degrees(cluster: Cluster, num_layers: int, constraints: Constraints) -> list[int]:
+    n = cluster.world_size
+    if constraints.pp is not None:
+        if n % constraints.pp:
+            raise ConstraintError(f"pp={constraints.pp} does not divide the {n} devices; pick a divisor of {n}")
+        if constraints.pp > num_layers:
+            raise ConstraintError(f"pp={constraints.pp} exceeds the model's {num_layers} layers; pin a smaller pp")
+        return [constraints.pp]
+    return [pp for pp in divisors(n) if pp <= num_layers]
+
+
+def tensor_degrees(cluster: Cluster, pps: list[int], constraints: Constraints) -> tuple[int, ...]:
+    """tp degrees worth enumerating: divisors of a stage's device count, inside one node."""
+    sizes = {cluster.world_size // pp for pp in pps}
+    if constraints.tp is not None:
+        if not any(size % constraints.tp == 0 for size in sizes):
+            raise ConstraintError(f"tp={constraints.tp} does not divide the devices of any stage ({sorted(sizes)})")
+        return tuple(sorted({1, constraints.tp}))
+    degrees = {d for size in sizes for d in divisors(size) if d <= cluster.devices_per_node}
+    return tuple(sorted(degrees))
+
+
+def analyse(model, example_inputs, cluster: Cluster, constraints: Constraints, progress=None) -> Analysis:
+    from fxplan.passes.coarsen import coarsen
+    from fxplan.passes.shard_prop import build_strategy_space
+    from fxplan.passes.trace import trace
+
+    say = progress or (lambda msg: None)
+    start = time.perf_counter()
+    traced = trace(model, example_inputs)
+    layer_graph = coarsen(traced)
+    say(f"traced ({traced.method}) and coarsened into {len(layer_graph.layers)} layers "
+        f"in {time.perf_counter() - start:.2f} s")
+    pps = pipeline_degrees(cluster, len(layer_graph.layers), constraints)
+    tps = tensor_degrees(cluster, pps, constraints)
+    start = time.perf_counter()
+    space = build_strategy_space(traced, layer_graph, tps)
+    say(f"sharding propagation for tp in {list(tps)}: {sum(len(v) for v in space.specs.values())} "
+        f"layer shardings in {time.perf_counter() - start:.2f} s")
+    return Analysis(traced=traced, layer_graph=layer_graph, space=space, tp_degrees=tps)
+
+
+def candidates(cluster: Cluster, batch: int, num_layers: int, constraints: Constraints) -> list[tuple[int, int, str]]:
+    """UniAP's outer loop: (pp, microbatches, schedule) triples worth solving."""
+    out = []
+    for pp in pipeline_degrees(cluster, num_layers, constraints):
+        if constraints.microbatches is not None:
+            counts = [constraints.microbatches]
+        else:
+            counts = sorted({c for c in divisors(batch) if c >= pp and (c & (c - 1) == 0 or c % pp == 0)})
+            counts = [c for c in counts if c <= max(4 * pp, 8)] or [c for c in divisors(batch) if c >= pp][:1]
+        if pp == 1:
+            schedules = [constraints.schedule or "1f1b"]
+        else:
+            schedules = [constraints.schedule] if constraints.schedule else ["1f1b", "gpipe"]
+        for c in counts:
+            if batch % c:
+                continue
+            for schedule in schedules:
+                out.append((pp, c, schedule))
+    if not out:
+        raise ConstraintError(
+            f"no (pp, microbatches) fits a global batch of {batch} on {cluster.world_size} devices under "
+            f"{constraints}; use a batch divisible by the microbatch count (and dp)")
+    return out
+
+
+def solve_plan(analysis: Analysis, cluster: Cluster, constraints: Constraints, planner: str,
+               time_limit_s: float, progress=None) -> Plan:
+    from fxplan.passes.cost import CostModel
+    from fxplan.passes.problem import evaluate
+
+    if planner not in PLANNERS:
+        raise ConstraintError(f"unknown planner {planner!r}; use one of {', '.join(PLANNERS)}")
+    say = progress or (lambda msg: None)
+    lg = analysis.layer_graph
+    batch = lg.batch_size
+    cands = candidates(cluster, batch, len(lg.layers), constraints)
+    model = CostModel(lg, analysis.space, cluster, batch, constraints)
+    start = time.perf_counter()
+    if planner == "grid":
+        from fxplan.passes.grid import grid_search
+
+        result = grid_search(model, cands)
+        if result is None:
+            _raise_infeasible(model, cands, cluster)
+        (pp, c, schedule), stage_of, strategy_of = result.candidate, result.stage_of, result.strategy_of
+        solver = SolverInfo(status="optimal", objective=result.iteration_s, gap=0.0,
+                            seconds=time.perf_counter() - start, planner="grid", candidates=len(cands))
+    else:
+        from fxplan.passes.search import search
+
+        res = search(model.problem, cands, time_limit_s=time_limit_s, progress=say,
+                     method="miqp" if planner == "miqp" else "exhaustive")
+        if res.best is None:
+            _raise_infeasible(model, cands, cluster, res)
+        (pp, c, schedule) = res.candidate
+        stage_of, strategy_of = res.best.stage_of, res.best.strategy_of
+        solver = SolverInfo(status=res.best.status, objective=res.best.objective, gap=res.best.gap,
+                            seconds=time.perf_counter() - start, planner=planner,
+                            candidates=res.considered, pruned=res.pruned)
+    problem = model.problem(pp, c, schedule)
+    ev = evaluate(problem, stage_of, strategy_of)
+    strategies = model.strategies(pp)
+    return build_plan(lg, cluster, pp, c, schedule, stage_of,
+                      [strategies[u][k] for u, k in enumerate(strategy_of)], ev, solver, model.assumptions())
+
+
+def _raise_infeasible(model, cands, cluster, res=None):
+    need = getattr(res, "min_memory", None) if res is not None else None
+    have = cluster.memory_bytes
+    if need:
+        raise InfeasiblePlanError(
+            f"no plan fits device memory: the best candidate needs {need / 2**30:.2f} GiB per device, a device "
+            f"has {have / 2**30:.2f} GiB; use more devices, a smaller batch, or allow fsdp/recompute")
+    raise InfeasiblePlanError(
+        f"no plan fits device memory ({have / 2**30:.2f} GiB per device); use more devices, a smaller batch, "
+        f"or allow fsdp/recompute")
+
+
+def build_plan(lg, cluster: Cluster, pp: int, c: int, schedule: str, stage_of, strategy_list, ev,
+               solver: SolverInfo, assumptions: dict) -> Plan:
+    n_s = cluster.world_size // pp
+    stages = []
+    for i in range(pp):
+        names = [lg.layers[u].name for u in range(len(lg.layers)) if stage_of[u] == i]
+        strategies = {lg.layers[u].name: strategy_list[u] for u in range(len(lg.layers)) if stage_of[u] == i}
+        stages.append(Stage(index=i, layers=tuple(names), devices=tuple(range(i * n_s, (i + 1) * n_s)),
+                            strategies=strategies, estimated_memory_bytes=ev.stage_memory[i],
+                            estimated_compute_s=ev.stage_compute_s[i]))
+    return Plan(pp=pp, microbatches=c, schedule=schedule, stages=tuple(stages),
+                estimated_iteration_s=ev.iteration_s, solver=solver, batch_size=lg.batch_size,
+                world_size=cluster.world_size, assumptions=assumptions, model=model_signature(lg))
+
+
+def model_signature(lg) -> dict:
+    return {"layers": [layer.name for layer in lg.layers],
+            "params": int(sum(layer.param_numel for layer in lg.layers))}
+
+
+def check_given_plan(plan: Plan, analysis: Analysis, cluster: Cluster) -> Plan:
+    """Validate a user-given plan against the model and cluster and re-estimate it with the cost model."""
+    from fxplan.passes.cost import CostModel
+    from fxplan.passes.problem import evaluate
+
+    lg = analysis.layer_graph
+    names = [layer.name for layer in lg.layers]
+    if list(plan.layers) != names:
+        missing = sorted(set(names) - set(plan.layers))
+        extra = sorted(set(plan.layers) - set(names))
+        raise PlanFileError(
+            f"plan layers do not match the model's layers in order (missing {missing[:5]}, unknown {extra[:5]}); "
+            f"the model's layers are {names[:6]}{'...' if len(names) > 6 else ''}")
+    if plan.world_size not in (0, cluster.world_size):
+        raise PlanFileError(f"plan is for {plan.world_size} devices but the cluster has {cluster.world_size}")
+    if plan.batch_size not in (0, lg.batch_size):
+        raise PlanFileError(f"plan is for a global batch of {plan.batch_size} but the example batch has {lg.batch_size}")
+    plan.check_shape()
+    if sum(len(s.devices) for s in plan.stages) != cluster.world_size:
+        raise PlanFileError(f"plan stages cover {sum(len(s.devices) for s in plan.stages)} devices, the cluster has "
+                            f"{cluster.world_size}")
+    if lg.batch_size % plan.microbatches:
+        raise PlanFileError(f"global batch {lg.batch_size} does not divide into {plan.microbatches} microbatches")
+    for u, layer in enumerate(lg.layers):
+        strat = plan.strategy(layer.name)
+        if (lg.batch_size // plan.microbatches) % strat.dp:
+            raise PlanFileError(f"layer {layer.name}: microbatch of {lg.batch_size // plan.microbatches} rows does not "
+                                f"split over dp={strat.dp}")
+        if strat.tp > 1 or strat.spec != "R":
+            try:
+                analysis.space.spec(u, strat.tp, strat.spec)
+            except KeyError:
+                labels = [s.label for s in analysis.space.for_layer(u, strat.tp)]
+                raise PlanFileError(f"layer {layer.name}: no tp={strat.tp} sharding labelled {strat.spec!r}; "
+                                    f"known: {labels or 'none (tp not enumerated)'}") from None
+    # Re-estimate with the same formula the planners use.
+    model = CostModel(lg, analysis.space, cluster, lg.batch_size, Constraints())
+    problem = model.problem(plan.pp, plan.microbatches, plan.schedule)
+    strategies = model.strategies(plan.pp)
+    stage_of, strategy_of = [], []
+    for u, layer in enumerate(lg.layers):
+        stage_of.append(plan.stage_of(layer.name))
+        wanted = plan.strategy(layer.name)
+        matches = [k for k, s in enumerate(strategies[u]) if s == wanted]
+        strategy_of.append(matches[0] if matches else None)
+    if problem is None or None in strategy_of:
+        return plan
+    ev = evaluate(problem, stage_of, strategy_of)
+    stages = [Stage(index=s.index, layers=s.layers, devices=s.devices, strategies=s.strategies,
+                    estimated_memory_bytes=ev.stage_memory[s.index], estimated_compute_s=ev.stage_compute_s[s.index])
+              for s in plan.stages]
+    return Plan(pp=plan.pp, microbatches=plan.microbatches, schedule=plan.schedule, stages=tuple(stages),
+                estimated_iteration_s=ev.iteration_s,
+                solver=SolverInfo(status="given", objective=ev.iteration_s, planner="given"),
+                batch_size=lg.batch_size, world_size=cluster.world_size, chunks=plan.chunks,
+                assumptions=model.assumptions(), model=model_signature(lg))
+
+
+def stderr_progress(msg: str) -> None:
+    print(f"[fxplan] {msg}", file=sys.stderr, flush=True)

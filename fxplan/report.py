@@ -1,0 +1,36 @@
+"""Pictures of plans (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from fxplan.plan import Plan
+
+
+def draw_plan(plan: Plan, path: str) -> None:
+    """One row per stage, one box per layer, coloured by its strategy; written to `path` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = sorted({str(s) for stage in plan.stages for s in stage.strategies.values()})
+    colours = {label: plt.cm.tab20(i % 20) for i, label in enumerate(labels)}
+    n_layers = max(len(plan.layers), 1)
+    fig, ax = plt.subplots(figsize=(min(4 + n_layers * 0.25, 24), 1.2 + 0.6 * plan.pp))
+    x = 0
+    for stage in plan.stages:
+        for name in stage.layers:
+            label = str(stage.strategies[name])
+            ax.barh(stage.index, 1, left=x, color=colours[label], edgecolor="black", linewidth=0.3)
+            x += 1
+    for label, colour in colours.items():
+        ax.barh(0, 0, color=colour, label=label)
+    ax.set_yticks(range(plan.pp))
+    ax.set_yticklabels([f"stage {s.index}\nranks {s.devices[0]}-{s.devices[-1]}" for s in plan.stages])
+    ax.invert_yaxis()
+    ax.set_xlabel("layers in pipeline order")
+    ax.set_title(f"pp={plan.pp}, {plan.microbatches} microbatches, {plan.schedule}: "
+                 f"{plan.estimated_iteration_s * 1e3:.2f} ms / iteration (estimated)")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=min(len(labels), 4), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
