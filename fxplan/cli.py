@@ -71,12 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_plan(args) -> int:
     import fxplan
-    from fxplan.models import build, example_batch
 
     cluster = fxplan.Cluster.parse(args.cluster)
     constraints = fxplan.Constraints.parse(args.pin)
     if args.batch < 1:
         raise fxplan.ConstraintError(f"--batch must be a positive integer, got {args.batch}")
+    from fxplan.models import build, example_batch
+
     model = build(args.model, device="meta")
     inputs = example_batch(model, args.batch, device="meta")
     compiled = fxplan.compile(model, inputs, cluster=cluster, constraints=constraints, planner=args.planner,
