@@ -1,0 +1,468 @@
+"""Emit one rank's program: its stage graph with local parameter shards and collectives inserted.
+
+    prog = emit_rank(traced, layer_graph, space, plan, rank)
+    print(prog.gm.code)        # fxplan_tp_all_reduce(x, 'tp:0,1') ... visible as calls
+
+What a rank computes (shared semantics, fxplan.passes.redistribute is the source of truth for which
+collective each placement change needs):
+- a layer with strategy (dp, tp) sees the stage's n devices as a (dp, tp) mesh, tp innermost;
+- inside a layer a tensor has the placement its TPSpec gives; a consumer wanting another one gets
+  `consume_steps` (incl. Megatron's f: one per tensor and layer, shared by its sharded consumers);
+- a tensor produced in another layer (or received from the previous stage, or a stage-0 input
+  that is the full microbatch on every rank) is converted with `layout_steps`;
+- shape arguments become static local shapes (codegen/shapes.py);
+- the last stage returns the local loss times 1/dp of the loss layer (the runtime applies
+  1/microbatches), so summing over the dp group gives the true loss.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fxplan.codegen import collectives as C
+from fxplan.codegen.groups import group_key
+from fxplan.codegen.params import ParamShard, fsdp_block, shard_tensor, tp_local_shape
+from fxplan.codegen.shapes import (is_size_query, is_split, local_shape, rewrite_shape_args,
+                                   rewrite_split_args, split_dim)
+from fxplan.codegen.split import split_stages
+from fxplan.errors import PlanFileError
+from fxplan.passes.ir import R, Partial, Replicate, Shard, TPSpec, frozen_map
+from fxplan.passes.redistribute import Layout, layout_steps, tensor_steps, transition
+
+
+@dataclass(frozen=True)
+class RankProgram:
+    rank: int
+    stage: int
+    gm: fx.GraphModule
+    inputs: tuple[str, ...]  # placeholder names (traced node names), in call order
+    outputs: tuple[str, ...]  # returned tensors (a tuple; the last stage returns the scaled loss alone)
+    input_layouts: tuple[Layout, ...]  # how each input arrives (stage 0: Layout(1, n, R), the full microbatch)
+    output_layouts: tuple[Layout, ...]  # how each output leaves (the next stage's rank at our position gets it)
+    params: Mapping[str, ParamShard]  # attribute name in gm -> its shard
+    group_keys: tuple[str, ...]  # process groups this rank's graph uses
+    loss_scale: float = 1.0  # the factor applied to the local loss (1 / dp of the loss layer)
+
+
+@dataclass
+class _Ctx:
+    """One layer's strategy seen from this rank."""
+
+    index: int
+    name: str
+    spec: TPSpec
+    dp: int
+    tp: int
+    fsdp: bool
+    dp_index: int
+    tp_index: int
+    tp_key: str
+    dp_key: str
+
+    def layout(self, placement) -> Layout:
+        return Layout(self.dp, self.tp, placement)
+
+    def placement(self, node: str):
+        return self.spec.placements.get(node, R)
+
+
+def replicated_spec(layer) -> TPSpec:
+    """tp = 1: every node replicated (what shard_prop calls "R")."""
+    return TPSpec(label="R", tp=1, placements=frozen_map({n: R for n in layer.nodes}), arg_placements=frozen_map({}),
+                  input_placements=frozen_map({t: R for t in layer.inputs}),
+                  output_placements=frozen_map({t: R for t in layer.outputs}), comms=(), flops=layer.flops,
+                  param_numel=layer.param_numel, act_bytes=layer.act_bytes)
+
+
+def _stage_of_rank(plan, rank: int):
+    for stage in plan.stages:
+        if rank in stage.devices:
+            return stage, stage.devices.index(rank)
+    raise PlanFileError(f"rank {rank} is not a device of any stage of the plan (world size {plan.world_size})")
+
+
+def requires_grad_map(traced) -> dict[str, bool]:
+    """Which tensors carry gradients: floating values depending on a trainable parameter."""
+    params = dict(traced.gm.named_parameters())
+    out: dict[str, bool] = {}
+    for node in traced.gm.graph.nodes:
+        meta = traced.tensors.get(node.name)
+        floating = meta is not None and ("float" in meta.dtype or "complex" in meta.dtype)
+        if node.op == "get_attr":
+            p = params.get(node.target)
+            out[node.name] = bool(floating and p is not None and p.requires_grad)
+        elif node.op == "placeholder":
+            out[node.name] = False
+        else:
+            out[node.name] = bool(floating and any(out.get(a.name, False) for a in node.all_input_nodes))
+    return out
+
+
+def _fetch(gm: nn.Module, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def emit_rank(traced, layer_graph, space, plan, rank: int, params=None) -> RankProgram:
+    """The program of global rank `rank` under `plan`.
+
+    params: None (cut the shards from the traced module's tensors), a state_dict-like mapping of
+    full tensors, or "meta" (local shards created on the meta device; the runtime materialises them).
+    """
+    return _Emitter(traced, layer_graph, space, plan, rank, params).run()
+
+
+class _Emitter:
+    def __init__(self, traced, layer_graph, space, plan, rank, params):
+        self.traced, self.lg, self.space, self.plan, self.rank = traced, layer_graph, space, plan, rank
+        self.params_src = params
+        self.stage, self.q = _stage_of_rank(plan, rank)
+        self.devices = tuple(self.stage.devices)
+        self.n = len(self.devices)
+        self.mb = plan.microbatches
+        by_name = {layer.name: layer for layer in layer_graph.layers}
+        missing = [name for name in plan.layers if name not in by_name]
+        if missing or len(plan.layers) != len(layer_graph.layers):
+            raise PlanFileError(f"the plan's layers do not match the model's (unknown: {missing[:3]}); "
+                                f"re-plan for this model")
+        stage_of = {name: plan.stage_of(name) for name in plan.layers}
+        self.stage_graph = split_stages(traced, layer_graph, stage_of)[self.stage.index]
+        self.ctx_of_layer = {name: self._ctx(by_name[name], strat)
+                             for name, strat in self.stage.strategies.items()}
+        # Every layer's strategy (any stage) gives the home layout of the tensors it produces.
+        self.home_layer: dict[str, tuple] = {}
+        for layer in layer_graph.layers:
+            strat = plan.strategy(layer.name)
+            for node in layer.nodes:
+                self.home_layer[node] = (layer, strat)
+        self.rg = requires_grad_map(traced)
+        self.meta = traced.tensors
+        self.graph = fx.Graph()
+        self.internal: dict[str, fx.Node] = {}  # node value at its own placement in its own layer
+        self.ctx_of: dict[str, _Ctx] = {}
+        self.home: dict[str, tuple[fx.Node, Layout]] = {}
+        self.alias: dict[str, str] = {}  # get_attr node -> first get_attr of the same target here
+        self.cache: dict[tuple, fx.Node] = {}
+        self.keys: set[str] = set()
+        self.local_params: dict[str, ParamShard] = {}
+        self.tensors_out: dict[str, torch.Tensor] = {}
+        self.attr_of_target: dict[str, str] = {}
+
+    # ------------------------------------------------------------ strategy context
+    def _ctx(self, layer, strat) -> _Ctx:
+        tp, dp = strat.tp, strat.dp
+        if tp == 1:
+            specs = self.space.for_layer(layer.index, 1) if self.space is not None else ()
+            spec = next((s for s in specs if s.label == strat.spec), None) or replicated_spec(layer)
+        else:
+            spec = self.space.spec(layer.index, tp, strat.spec)
+        dp_index, tp_index = divmod(self.q, tp)
+        d = self.devices
+        return _Ctx(layer.index, layer.name, spec, dp, tp, strat.fsdp, dp_index, tp_index,
+                    group_key(d[dp_index * tp:(dp_index + 1) * tp], "tp"), group_key(d[tp_index::tp], "dp"))
+
+    def _home_layout(self, name: str) -> Layout:
+        """How tensor `name` leaves the layer producing it (stage inputs: the full microbatch)."""
+        if name in self.traced.placeholders:
+            return Layout(1, self.n, R)
+        layer, strat = self.home_layer[name]
+        if strat.tp == 1:
+            return Layout(strat.dp, 1, R)
+        spec = self.space.spec(layer.index, strat.tp, strat.spec)
+        pl = spec.output_placements.get(name, spec.placements.get(name, R))
+        return Layout(strat.dp, strat.tp, R if isinstance(pl, Partial) else pl)
+
+    # ------------------------------------------------------------ graph helpers
+    def _call(self, fn, *args) -> fx.Node:
+        for a in args:
+            if isinstance(a, str) and ":" in a:
+                self.keys.add(a)
+        return self.graph.call_function(fn, tuple(args))
+
+    def _key(self, positions, role: str) -> str:
+        return group_key([self.devices[p] for p in positions], role)
+
+    def _emit_tp_step(self, step, x: fx.Node, tp_key: str) -> fx.Node:
+        k = step.kind
+        if k == "f":
+            return self._call(C.fxplan_tp_f, x, tp_key)
+        if k == "g":
+            return self._call(C.fxplan_tp_all_reduce, x, tp_key)
+        if k == "gather":
+            return self._call(C.fxplan_all_gather, x, step.dim, tp_key)
+        if k == "gather_rs":
+            return self._call(C.fxplan_all_gather_rs, x, step.dim, tp_key)
+        if k == "slice":
+            return self._call(C.fxplan_slice, x, step.dim, tp_key)
+        if k == "reduce_scatter":
+            return self._call(C.fxplan_reduce_scatter, x, step.dim, tp_key)
+        if k == "all_to_all":
+            return self._call(C.fxplan_all_to_all, x, step.dim, step.dim2, tp_key)
+        if k == "partial":
+            return self._call(C.fxplan_r_to_p, x, tp_key)
+        raise NotImplementedError(f"tp step {k!r}")
+
+    def _emit_layout_steps(self, x: fx.Node, src: Layout, dst: Layout, name: str) -> fx.Node:
+        meta, rg = self.meta[name], self.rg.get(name, False)
+        q = self.q
+        for step in layout_steps(src, dst, meta, rg):
+            if step.kind == "gather":
+                base = (q // src.tp) * src.tp
+                x = self._emit_tp_step(step, x, self._key(range(base, base + src.tp), "tp"))
+            elif step.kind == "slice":
+                base = (q // dst.tp) * dst.tp
+                x = self._emit_tp_step(step, x, self._key(range(base, base + dst.tp), "tp"))
+            elif step.kind == "slice_rows":
+                f = step.parts
+                base, r = (q // src.tp) * src.tp, q % dst.tp
+                bwd = self._key([base + r + i * dst.tp for i in range(f)], "rows") if rg else ""
+                x = self._call(C.fxplan_rows, x, step.dim, (q // dst.tp) % f, f, bwd)
+            elif step.kind == "gather_rows" and step.parts == 1:
+                g, b = step.group, q // dst.tp  # the g source blocks making our destination block
+                fwd = self._key([(b * g + j) * src.tp + q % src.tp for j in range(g)], "rows")
+                x = self._call(C.fxplan_regroup_rows, x, step.dim, fwd, 0, 1, "")
+            elif step.kind == "gather_rows":
+                fwd = self._key(range(q % src.tp, self.n, src.tp), "dp")
+                bwd = self._key(range(q % dst.tp, self.n, dst.tp), "dp") if rg else ""
+                x = self._call(C.fxplan_regroup_rows, x, step.dim, fwd, q // dst.tp, step.parts, bwd)
+            elif step.kind == "dp_grad":
+                key = self._key(range(q % dst.tp, self.n, dst.tp), "dp") if dst.dp > 1 else ""
+                x = self._call(C.fxplan_dp_grad_fix, x, key, step.scale)
+            else:
+                raise NotImplementedError(f"layout step {step.kind!r}")
+        return x
+
+    # ------------------------------------------------------------ values
+    def _home(self, name: str) -> tuple[fx.Node, Layout]:
+        """Value of tensor `name` as it leaves its layer (the output placement)."""
+        name = self.alias.get(name, name)
+        if name in self.home:
+            return self.home[name]
+        ctx = self.ctx_of[name]
+        pl = ctx.placement(name)
+        out = ctx.spec.output_placements.get(name, pl)
+        if isinstance(out, Partial):
+            out = R
+        x = self.internal[name]
+        for step in transition(pl, out, ctx.tp):
+            x = self._emit_tp_step(step, x, ctx.tp_key)
+        self.home[name] = (x, ctx.layout(out))
+        return self.home[name]
+
+    def _arrive(self, name: str, ctx: _Ctx):
+        """Tensor `name` in layer ctx's layout at its entry placement -> (node, placement)."""
+        if self.alias.get(name, name) in self.internal and self.ctx_of[self.alias.get(name, name)] is ctx:
+            return self.internal[self.alias.get(name, name)], ctx.placement(self.alias.get(name, name))
+        key = ("arrive", name, ctx.index)
+        want = ctx.spec.input_placements.get(name, ctx.spec.placements.get(name, R))
+        if key not in self.cache:
+            x, src = self._home(name)
+            self.cache[key] = self._emit_layout_steps(x, src, ctx.layout(want), name)
+        return self.cache[key], want
+
+    def _consume(self, name: str, consumer: fx.Node, ctx: _Ctx, want) -> fx.Node:
+        """Tensor `name` as `consumer` (in layer ctx) needs it: redistribute.tensor_steps' chain.
+
+        Chains of one tensor share prefixes (one f per tensor and layer serves every sharded
+        consumer), so every prefix is emitted once and cached.
+        """
+        x, have = self._arrive(name, ctx)
+        if ctx.tp == 1 or not isinstance(want, (Replicate, Shard, Partial)):
+            return x  # tp=1, or ANY (shape-only use): taken as it is
+        uses = self.uses.get((name, ctx.index), [])
+        use = (want, self._sharded(consumer, ctx))
+        if use not in uses:
+            uses = uses + [use]
+        chain = tensor_steps(have, uses, ctx.tp)[use]
+        for i, step in enumerate(chain):
+            key = ("chain", name, ctx.index, chain[:i + 1])
+            if key not in self.cache:
+                self.cache[key] = self._emit_tp_step(step, x, ctx.tp_key)
+            x = self.cache[key]
+        return x
+
+    def _sharded(self, node, ctx: _Ctx) -> bool:
+        pls = [p for p in ctx.spec.arg_placements.get(node.name, ()) if p is not None]
+        pls.append(ctx.placement(node.name))
+        return any(isinstance(p, (Shard, Partial)) for p in pls)
+
+    def _wanted(self, node: fx.Node, ctx: _Ctx) -> list:
+        args = ctx.spec.arg_placements.get(node.name)
+        inputs = node.all_input_nodes
+        if args is None or len(args) != len(inputs):
+            return [ctx.placement(a.name) if a.name in self.internal and self.ctx_of.get(a.name) is ctx
+                    else ctx.spec.input_placements.get(a.name, R) for a in inputs]
+        return list(args)
+
+    # ------------------------------------------------------------ parameters
+    def _param(self, node: fx.Node, ctx: _Ctx) -> fx.Node:
+        target = node.target
+        full = None
+        src = self.params_src
+        if isinstance(src, Mapping) and target in src:
+            full = src[target]
+        if full is None:
+            full = _fetch(self.traced.gm, target)
+        is_param = isinstance(full, nn.Parameter) or target in dict(self.traced.gm.named_parameters())
+        requires_grad = bool(self.rg.get(node.name, False)) or (is_param and full.requires_grad and
+                                                               full.is_floating_point())
+        pl = ctx.placement(node.name)
+        if node.name not in ctx.spec.placements:
+            pl = ctx.spec.input_placements.get(node.name, R)
+        tp_dim = pl.dim if isinstance(pl, Shard) and ctx.tp > 1 else None
+        local = tp_local_shape(tuple(full.shape), tp_dim, ctx.tp)
+        fsdp = bool(ctx.fsdp and ctx.dp > 1 and is_param and requires_grad)
+        numel = 1
+        for s in local:
+            numel *= s
+        block = fsdp_block(numel, ctx.dp) if fsdp else numel
+        shard = ParamShard(name=target, global_shape=tuple(full.shape), tp_dim=tp_dim, tp=ctx.tp,
+                           tp_index=ctx.tp_index, fsdp=fsdp, dp=ctx.dp, dp_index=ctx.dp_index, dp_group=ctx.dp_key,
+                           numel_local=block, requires_grad=requires_grad, local_shape=local,
+                           stored_shape=(block,) if fsdp else local, is_buffer=not is_param,
+                           dtype=str(full.dtype), tp_group=ctx.tp_key)
+        if src == "meta" or full.device.type == "meta":
+            tensor = torch.empty(shard.stored_shape, dtype=full.dtype, device="meta")
+        else:
+            tensor = shard_tensor(full, shard)
+        attr = target.replace(".", "_")
+        while attr in self.local_params:
+            attr += "_"
+        self.local_params[attr] = shard
+        self.tensors_out[attr] = nn.Parameter(tensor, requires_grad=requires_grad) if is_param else tensor
+        x = self.graph.get_attr(attr)
+        if fsdp:
+            self.keys.add(ctx.dp_key)
+            x = self.graph.call_function(C.fxplan_fsdp_gather, (x, ctx.dp_key, local))
+        return x
+
+    # ------------------------------------------------------------ the pass
+    def _assign_layers(self, sg: fx.Graph) -> None:
+        name_ctx = {}
+        for ctx in self.ctx_of_layer.values():
+            for node in self.lg.layers[ctx.index].nodes:
+                name_ctx[node] = ctx
+        first = next(iter(self.ctx_of_layer.values()))
+        nodes = [n for n in sg.nodes if n.op not in ("placeholder", "output")]
+        for n in nodes:  # nodes outside this stage's layers (a get_attr read here too): first user's layer
+            if n.name not in name_ctx:
+                users = [u for u in n.users if u.name in name_ctx]
+                name_ctx[n.name] = name_ctx[users[0].name] if users else (
+                    next((name_ctx[a.name] for a in n.all_input_nodes if a.name in name_ctx), first))
+        for n in nodes:
+            self.ctx_of[n.name] = name_ctx[n.name]
+        # every use of each tensor per layer: (wanted placement, consumer is sharded compute)
+        self.uses: dict[tuple, list] = {}
+        for n in nodes:
+            ctx = self.ctx_of[n.name]
+            for a, want in zip(n.all_input_nodes, self._wanted_static(n, ctx)):
+                if isinstance(want, (Replicate, Shard, Partial)):
+                    use = (want, self._sharded(n, ctx))
+                    lst = self.uses.setdefault((a.name, ctx.index), [])
+                    if use not in lst:
+                        lst.append(use)
+
+    def _wanted_static(self, node, ctx):
+        args = ctx.spec.arg_placements.get(node.name)
+        if args is not None and len(args) == len(node.all_input_nodes):
+            return list(args)
+        return [None] * len(node.all_input_nodes)
+
+    def run(self) -> RankProgram:
+        sg = self.stage_graph.gm.graph
+        self._assign_layers(sg)
+        first_of_target: dict[str, str] = {}
+        inputs, input_layouts = [], []
+        for node in sg.nodes:
+            if node.op == "placeholder":
+                ph = self.graph.placeholder(node.name)
+                ph.meta.update(node.meta)
+                layout = self._home_layout(node.name)
+                self.home[node.name] = (ph, layout)
+                inputs.append(node.name)
+                input_layouts.append(layout)
+            elif node.op == "get_attr":
+                ctx = self.ctx_of[node.name]
+                if node.target in first_of_target:
+                    self.alias[node.name] = first_of_target[node.target]
+                    continue
+                first_of_target[node.target] = node.name
+                self.internal[node.name] = self._param(node, ctx)
+            elif node.op == "output":
+                return self._finish(node, inputs, input_layouts)
+            else:
+                self._emit_node(node)
+        raise AssertionError("stage graph without output")
+
+    def _emit_node(self, node: fx.Node) -> None:
+        ctx = self.ctx_of[node.name]
+        wanted = self._wanted(node, ctx)
+        env = {}
+        for a, want in zip(node.all_input_nodes, wanted):
+            if a.name not in self.meta and a.name in self.internal:  # non-tensor value (a size)
+                env[a] = self.internal[a.name]
+            elif a.name in self.internal or a.name in self.home or a.name in self.alias:
+                env[a] = self._consume(a.name, node, ctx, want if want is not None else R)
+            else:
+                raise PlanFileError(f"{node.name} reads {a.name}, which this stage does not have")
+        new = self.graph.node_copy(node, lambda a: env[a])
+        meta = self.meta.get(node.name)
+        rows = self.mb * ctx.dp
+        if meta is not None:
+            shape = local_shape(meta, ctx.placement(node.name), ctx.tp, rows)
+            rewritten = rewrite_shape_args(new, shape, meta.shape)
+            if rewritten is not None:
+                new.args, new.kwargs = rewritten
+        if is_split(node):
+            src = node.all_input_nodes[0]
+            smeta = self.meta.get(src.name)
+            if smeta is not None:
+                dim = split_dim(node) % len(smeta.shape)
+                want = wanted[0]
+                ratio = (rows if smeta.batch_dim == dim else 1) * (
+                    ctx.tp if isinstance(want, Shard) and want.dim == dim else 1)
+                rewritten = rewrite_split_args(new, ratio)
+                if rewritten is not None:
+                    new.args, new.kwargs = rewritten
+        self.internal[node.name] = new
+
+    def _finish(self, out_node: fx.Node, inputs, input_layouts) -> RankProgram:
+        last = self.stage.index == len(self.plan.stages) - 1
+        outputs = self.stage_graph.outputs
+        scale = 1.0
+        if last:
+            x, layout = self._home(outputs[0])
+            scale = 1.0 / layout.dp
+            if layout.dp > 1:
+                x = self.graph.call_function(operator.mul, (x, scale))
+            self.graph.output(x)
+            output_layouts = (layout,)
+        else:
+            vals = [self._home(o) for o in outputs]
+            self.graph.output(tuple(v for v, _ in vals))
+            output_layouts = tuple(lay for _, lay in vals)
+        for node in reversed(list(self.graph.nodes)):  # sizes read from local tensors are now unused
+            if not node.users and is_size_query(node):
+                self.graph.erase_node(node)
+        self.graph.lint()
+        root = nn.Module()
+        for attr, tensor in self.tensors_out.items():
+            if isinstance(tensor, nn.Parameter):
+                root.register_parameter(attr, tensor)
+            else:
+                root.register_buffer(attr, tensor)
+        gm = fx.GraphModule(root, self.graph, class_name=f"Rank{self.rank}Stage{self.stage.index}")
+        gm.recompile()
+        return RankProgram(rank=self.rank, stage=self.stage.index, gm=gm, inputs=tuple(inputs),
+                           outputs=tuple(outputs), input_layouts=tuple(input_layouts),
+                           output_layouts=output_layouts, params=frozen_map(self.local_params),
+                           group_keys=tuple(sorted(self.keys)), loss_scale=scale)
+
