@@ -14,15 +14,17 @@ from fxplan.errors import ClusterError
 GiB = 1024**3
 
 # Public figures: dense bf16 peak, HBM, NVLink bus bandwidth per GPU (one direction, what a ring
-# all-reduce sees), one InfiniBand NIC per GPU. Efficiency is the fraction of peak a large
-# transformer matmul reaches (DESIGN.md: H100 eager measured 598 of 790 TFLOP/s at hidden 8192).
+# all-reduce sees), one InfiniBand NIC per GPU. Efficiency: fraction of peak at matmul size s is
+# max_efficiency * s / (s + half_efficiency_dim). H100 fitted to DESIGN.md's measurements (386/532/
+# 580/598 TFLOP/s at hidden 1024..8192 of a 790 TFLOP/s matmul peak: 418/506/547/584 modelled);
+# A100 uses the same shape with its own peak (no measurement at hand).
 _PRESETS = {
     "a100-40g": dict(memory_bytes=40 * GiB, peak_flops=312e12, intra_bw=240e9, inter_bw=25e9,
-                     intra_latency=5e-6, inter_latency=10e-6, max_efficiency=0.75, half_efficiency_dim=512),
+                     intra_latency=5e-6, inter_latency=10e-6, max_efficiency=0.75, half_efficiency_dim=1800),
     "a100-80g": dict(memory_bytes=80 * GiB, peak_flops=312e12, intra_bw=240e9, inter_bw=25e9,
-                     intra_latency=5e-6, inter_latency=10e-6, max_efficiency=0.75, half_efficiency_dim=512),
+                     intra_latency=5e-6, inter_latency=10e-6, max_efficiency=0.75, half_efficiency_dim=1800),
     "h100-80g": dict(memory_bytes=80 * GiB, peak_flops=989e12, intra_bw=370e9, inter_bw=50e9,
-                     intra_latency=4e-6, inter_latency=8e-6, max_efficiency=0.76, half_efficiency_dim=700),
+                     intra_latency=4e-6, inter_latency=8e-6, max_efficiency=0.80, half_efficiency_dim=2700),
 }
 
 

@@ -1,0 +1,44 @@
+"""Every intra-layer strategy (dp, tp, fsdp, recompute, spec) of one layer on a stage of n devices."""
+
+from __future__ import annotations
+
+from fxplan.constraints import Constraints
+from fxplan.passes.ir import StrategySpace
+from fxplan.plan import Strategy
+
+
+def tp_degrees(space: StrategySpace, layer_index: int) -> tuple[int, ...]:
+    """The tp degrees the strategy space has shardings for, ascending."""
+    return tuple(sorted({tp for (u, tp), specs in space.specs.items() if u == layer_index and specs}))
+
+
+def layer_strategies(layer_index: int, space: StrategySpace, stage_size: int,
+                     constraints: Constraints | None = None) -> tuple[Strategy, ...]:
+    """All strategies with dp * tp = stage_size, in a fixed order (tp, spec, fsdp, recompute).
+
+    Respects the dp / tp / fsdp / recompute pins of `constraints`. FSDP needs dp > 1. A layer without
+    parameters gets no fsdp variants (they would cost exactly the same as without), unless fsdp is
+    pinned True, in which case its fsdp=True twin stands in (so a pinned plan says fsdp everywhere).
+    Empty when the pins leave nothing.
+    """
+    pins = constraints or Constraints()
+    out: list[Strategy] = []
+    for tp in tp_degrees(space, layer_index):
+        if stage_size % tp:
+            continue
+        dp = stage_size // tp
+        if (pins.tp is not None and tp != pins.tp) or (pins.dp is not None and dp != pins.dp):
+            continue
+        specs = space.for_layer(layer_index, tp)
+        has_params = any(spec.param_numel > 0 for spec in specs)
+        fsdp_options = [False, True] if dp > 1 else [False]
+        if pins.fsdp is not None:
+            fsdp_options = [f for f in fsdp_options if f == pins.fsdp]
+        elif not has_params:
+            fsdp_options = [False]
+        rc_options = [False, True] if pins.recompute is None else [pins.recompute]
+        for spec in specs:
+            for fsdp in fsdp_options:
+                for recompute in rc_options:
+                    out.append(Strategy(dp=dp, tp=tp, fsdp=fsdp, recompute=recompute, spec=spec.label))
+    return tuple(out)
