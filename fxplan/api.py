@@ -43,12 +43,12 @@ class Compiled:
 
         if not isinstance(rank, int) or not 0 <= rank < self.plan.world_size:
             raise DistributedSetupError(f"rank {rank!r} is outside the plan's {self.plan.world_size} ranks")
-        key = (rank, meta)
         if params is not None:
             return emit_rank(self.traced, self.layer_graph, self.space, self.plan, rank, params=params)
+        key = (rank, meta)
         if key not in self._programs:
-            kwargs = {"meta": True} if meta else {}
-            self._programs[key] = emit_rank(self.traced, self.layer_graph, self.space, self.plan, rank, **kwargs)
+            self._programs[key] = emit_rank(self.traced, self.layer_graph, self.space, self.plan, rank,
+                                            params="meta" if meta else None)
         return self._programs[key]
 
     def rank_module(self, rank: int):
