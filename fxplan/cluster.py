@@ -137,6 +137,13 @@ class Cluster:
             raise ClusterError(f"bad cluster description: {exc}") from None
 
     def describe(self) -> str:
-        return (f"{self.name} {self.nodes}x{self.devices_per_node}: {self.memory_bytes / GiB:.0f} GiB, "
-                f"{self.peak_flops / 1e12:.0f} TFLOP/s, intra {self.intra_bw / 1e9:.0f} GB/s, "
-                f"inter {self.inter_bw / 1e9:.0f} GB/s")
+        return (f"{self.name} {self.nodes}x{self.devices_per_node}: {self.memory_bytes / GiB:.1f} GiB, "
+                f"{_si(self.peak_flops, 'FLOP/s')}, intra {_si(self.intra_bw, 'B/s')}, "
+                f"inter {_si(self.inter_bw, 'B/s')} per device")
+
+
+def _si(value: float, unit: str) -> str:
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= scale:
+            return f"{value / scale:.3g} {prefix}{unit}"
+    return f"{value:.3g} {unit}"
