@@ -12,7 +12,9 @@ collective each placement change needs):
   that is the full microbatch on every rank) is converted with `layout_steps`;
 - shape arguments become static local shapes (codegen/shapes.py);
 - the last stage returns the local loss times 1/dp of the loss layer (the runtime applies
-  1/microbatches), so summing over the dp group gives the true loss.
+  1/microbatches), so summing over the dp group gives the true loss;
+- every emitted node is tagged with its layer (node.meta["fxplan_layer"]); the layers whose
+  strategy has `recompute` then run under activation checkpointing (codegen/recompute.py).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from torch import nn
 from fxplan.codegen import collectives as C
 from fxplan.codegen.groups import group_key
 from fxplan.codegen.params import ParamShard, fsdp_block, shard_tensor, tp_local_shape
+from fxplan.codegen.recompute import LAYER_META, recompute_pass
 from fxplan.codegen.shapes import (is_size_query, is_split, local_shape, rewrite_shape_args,
                                    rewrite_split_args, split_dim)
 from fxplan.codegen.split import split_stages
@@ -400,7 +403,19 @@ class _Emitter:
                 return self._finish(node, inputs, input_layouts)
             else:
                 self._emit_node(node)
+            self._tag_new(self.ctx_of[node.name].name if node.name in self.ctx_of else None)
         raise AssertionError("stage graph without output")
+
+    def _tag_new(self, layer: str | None) -> None:
+        """Mark the nodes emitted for one source node with its layer (recompute regions follow it).
+
+        Conversions emitted lazily (a producer's P -> R, a consumer's layout steps) belong to the
+        layer whose node needed them, which is exact either way: they are plain forward ops.
+        """
+        for new in reversed(self.graph.nodes):
+            if LAYER_META in new.meta:
+                break
+            new.meta[LAYER_META] = layer
 
     def _emit_node(self, node: fx.Node) -> None:
         ctx = self.ctx_of[node.name]
@@ -461,6 +476,9 @@ class _Emitter:
                 root.register_buffer(attr, tensor)
         gm = fx.GraphModule(root, self.graph, class_name=f"Rank{self.rank}Stage{self.stage.index}")
         gm.recompile()
+        recompute = [name for name, strat in self.stage.strategies.items() if strat.recompute]
+        if recompute:
+            gm = recompute_pass(gm, recompute)
         return RankProgram(rank=self.rank, stage=self.stage.index, gm=gm, inputs=tuple(inputs),
                            outputs=tuple(outputs), input_layouts=tuple(input_layouts),
                            output_layouts=output_layouts, params=frozen_map(self.local_params),
