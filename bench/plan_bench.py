@@ -9,7 +9,8 @@ Sections:
   2. miqp vs grid (the Megatron-style baseline on the same cost model) for every preset at 1x8,
      4x8 and 8x8, and a strongly uneven model; ratio grid/miqp of estimated iteration time;
   3. miqp vs exhaustive (brute force) on small instances;
-  4. GPT-3 175B on 128x8 A100-80G: planning time and peak RSS.
+  5. memory pressure: the plan as device memory shrinks, and the infeasible message;
+  6. GPT-3 175B on 128x8 A100-80G: planning time and peak RSS.
 """
 
 from __future__ import annotations
@@ -81,6 +82,102 @@ def section_grid_vs_miqp() -> None:
             ratio = grid.estimated_iteration_s / miqp.estimated_iteration_s
             print(f"   {spec:<44} {f'a100-80g:{nodes}x8':<14} {grid.estimated_iteration_s * 1e3:>10.2f} "
                   f"{miqp.estimated_iteration_s * 1e3:>10.2f} {ratio:>9.3f} {secs:>7.2f}")
+    # strongly uneven: two heavy layers, seven light ones, 4 stages pinned
+    model, inputs = _uneven([4096, 32768] + [4096] * 7, 64, 1024)
+    cluster = fxplan.Cluster.preset("a100-80g", nodes=4, devices_per_node=8)
+    pins = fxplan.Constraints(pp=4)
+    grid = fxplan.compile(model, inputs, cluster=cluster, planner="grid", constraints=pins, verbose=False).plan
+    miqp = fxplan.compile(model, inputs, cluster=cluster, constraints=pins, verbose=False).plan
+    print(f"   {'uneven mlp 4096/32768/4096x7, pp=4':<44} {'a100-80g:4x8':<14} {grid.estimated_iteration_s * 1e3:>10.2f} "
+          f"{miqp.estimated_iteration_s * 1e3:>10.2f} {grid.estimated_iteration_s / miqp.estimated_iteration_s:>9.3f}")
+    print(f"      layers per stage: grid {[len(s.layers) for s in grid.stages]}, miqp {[len(s.layers) for s in miqp.stages]}")
+
+
+def _uneven(widths, batch, seq):
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Uneven(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fcs = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+
+        def forward(self, x, y):
+            for i, fc in enumerate(self.fcs):
+                x = fc(x) if i == len(self.fcs) - 1 else F.relu(fc(x))
+            return F.mse_loss(x, y)
+
+    with torch.device("meta"):
+        model = Uneven()
+    return model, (torch.empty(batch, seq, widths[0], device="meta"), torch.empty(batch, seq, widths[-1], device="meta"))
+
+
+def section_exhaustive() -> None:
+    import dataclasses
+
+    import fxplan
+    from fxplan.models import build, example_batch
+
+    print("== 3. miqp vs exhaustive (brute force) on small instances: estimated iteration time")
+    two = fxplan.Cluster(nodes=2, devices_per_node=2, memory_bytes=80 * 2**30, peak_flops=312e12, intra_bw=240e9,
+                         inter_bw=25e9, half_efficiency_dim=1800)
+    a14 = fxplan.Cluster.preset("a100-80g", nodes=1, devices_per_node=4)
+    cases = [("mlp:layers=2,hidden=2048 b256", lambda: _preset("mlp:layers=2,hidden=2048", 256), a14, None),
+             ("uneven 1024/16384/1024 b256", lambda: _uneven([1024, 16384, 1024], 256, 1), a14, None),
+             ("uneven 1024/16384/1024 b256", lambda: _uneven([1024, 16384, 1024], 256, 1), two, None),
+             ("uneven 256/8192/256/8192, 0.6 GiB", lambda: _uneven([256, 8192, 256, 8192], 512, 64),
+              dataclasses.replace(two, memory_bytes=0.6 * 2**30), fxplan.Constraints(schedule="1f1b")),
+             ("gpt:layers=2,hidden=1024 b16", lambda: _preset("gpt:layers=2,hidden=1024,heads=8,seq=256", 16), two,
+              fxplan.Constraints(schedule="1f1b", microbatches=4)),
+             ("llama:layers=2,hidden=1024 b16", lambda: _preset("llama:layers=2,hidden=1024,heads=8,seq=256", 16),
+              a14, fxplan.Constraints(schedule="1f1b", microbatches=4, recompute=False))]
+    for name, make, cluster, pins in cases:
+        model, inputs = make()
+        out = {}
+        for planner in ("miqp", "exhaustive"):
+            out[planner] = fxplan.compile(model, inputs, cluster=cluster, planner=planner, constraints=pins,
+                                          verbose=False).plan.estimated_iteration_s
+        print(f"   {name:<36} {cluster.nodes}x{cluster.devices_per_node}  miqp {out['miqp'] * 1e3:10.5f} ms  "
+              f"exhaustive {out['exhaustive'] * 1e3:10.5f} ms  rel diff {abs(out['miqp'] / out['exhaustive'] - 1):.1e}")
+
+
+def _preset(spec, batch):
+    from fxplan.models import build, example_batch
+
+    model = build(spec, device="meta")
+    return model, example_batch(model, batch, device="meta")
+
+
+def section_memory() -> None:
+    import dataclasses
+
+    import fxplan
+
+    print("== 5. memory pressure: gpt:layers=8,hidden=2048,seq=1024 batch 32 on a100 1x8 with shrinking memory")
+    model, inputs = _preset("gpt:layers=8,hidden=2048,heads=16,seq=1024", 32)
+    base = fxplan.Cluster.preset("a100-80g", nodes=1, devices_per_node=8)
+    for gib in (80, 4, 2, 1.2, 0.3):
+        cluster = dataclasses.replace(base, memory_bytes=gib * 2**30)
+        try:
+            p = fxplan.compile(model, inputs, cluster=cluster, verbose=False).plan
+        except fxplan.InfeasiblePlanError as exc:
+            print(f"   {gib:>5} GiB: InfeasiblePlanError: {exc}")
+            continue
+        kinds = sorted({str(s).split("[")[0] for st in p.stages for s in st.strategies.values()})
+        print(f"   {gib:>5} GiB: pp={p.pp} mb={p.microbatches} {p.estimated_iteration_s * 1e3:9.2f} ms  {kinds}")
+
+
+def section_175b() -> None:
+    print("== 6. fxplan plan --model gpt:size=gpt3-175b --batch 1536 --cluster a100-80g:128x8")
+    code = ("import resource, sys, time; t = time.perf_counter(); from fxplan.cli import main\n"
+            "rc = main(['plan', '--model', 'gpt:size=gpt3-175b', '--batch', '1536', '--cluster', 'a100-80g:128x8'])\n"
+            "r = resource.getrusage(resource.RUSAGE_SELF)\n"
+            "print(f'   wall {time.perf_counter() - t:.1f} s, cpu {r.ru_utime + r.ru_stime:.1f} s, peak RSS {r.ru_maxrss / 1024:.0f} MiB')")
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    print(proc.stdout[:400].rstrip() + "\n   ...\n" + proc.stdout.strip().splitlines()[-1] if proc.stdout else proc.stderr[-2000:])
+    print(f"   process wall incl. start-up {time.perf_counter() - start:.1f} s (limit 60 s, < 2 GiB RSS)")
 
 
 def main() -> None:
@@ -88,7 +185,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--section", type=int, default=0)
     args = parser.parse_args()
-    sections = {1: section_cli_48_layer, 2: section_grid_vs_miqp}
+    sections = {1: section_cli_48_layer, 2: section_grid_vs_miqp, 3: section_exhaustive, 5: section_memory}
+    if not args.quick:
+        sections[6] = section_175b
     for number, fn in sections.items():
         if args.section in (0, number):
             fn()

@@ -42,10 +42,8 @@ def split(problem: Problem, strategy_of, best: float = np.inf):
     const = P[-1]
     caps = np.unique(np.concatenate([seg_t[valid], cut[1:L]]))
     caps = caps[caps >= max(t.max(), const / pp) - 1e-12]
-    found = None
-    for B in caps:
-        if const + (c - 1) * B >= best:
-            break
+
+    def run(B):
         ok_cut = cut <= B + 1e-12
         dp = np.full(L + 1, np.inf)
         dp[0] = 0.0
@@ -58,6 +56,27 @@ def split(problem: Problem, strategy_of, best: float = np.inf):
             cost = np.where(feas, start[:, None], np.inf)
             back[i] = np.argmin(cost, axis=0)
             dp = cost[back[i], np.arange(L + 1)]
+        return dp, back
+
+    # Feasibility is monotone in the cap (a larger cap only relaxes the DP), so bisect for the
+    # smallest feasible one instead of trying thousands of infeasible caps one by one.
+    lo, hi = 0, len(caps)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if np.isfinite(run(caps[mid])[0][L]):
+            hi = mid
+        else:
+            lo = mid + 1
+    if lo == len(caps):
+        return None
+    # A larger cap can only lower the summed transfers, never below their value with no cap: stop
+    # once (c-1)*B plus that floor already loses to the best split found.
+    floor = run(caps[-1])[0][L]
+    found = None
+    for B in caps[lo:]:
+        if const + floor + (c - 1) * B >= best:
+            break
+        dp, back = run(B)
         if not np.isfinite(dp[L]):
             continue
         stage_of = np.zeros(L, int)

@@ -255,7 +255,7 @@ def solve_milp(problem: Problem, *, time_limit_s: float, mip_gap: float = 1e-4,
     if cutoff is not None and np.isfinite(cutoff):
         opts["objective_bound"] = float(cutoff * ts) * (1 + 1e-9)
     try:
-        prob.solve(solver="HIGHS", verbose=verbose, **opts)
+        prob.solve(solver="HIGHS", verbose=verbose, ignore_dpp=True, **opts)
     except cp.error.SolverError:
         return MilpResult(None, None, float("inf"), 0.0, "time_limit", time.perf_counter() - t0)
     info = prob.solver_stats.extra_stats
