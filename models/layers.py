@@ -28,6 +28,8 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias)
 
     def reset_parameters(self) -> None:
+        if self.weight.is_meta:  # nothing to fill; nn.init on meta also pulls in torch._dynamo (~1 s)
+            return
         nn.init.normal_(self.weight, mean=0.0, std=self.init_std)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
@@ -41,6 +43,8 @@ class Embedding(nn.Embedding):
         super().__init__(num_embeddings, embedding_dim)
 
     def reset_parameters(self) -> None:
+        if self.weight.is_meta:
+            return
         nn.init.normal_(self.weight, mean=0.0, std=self.init_std)
 
 
