@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from fxplan.errors import ClusterError
 
 GiB = 1024**3
+# Of a card's memory, this much is left to plans: the rest goes to the CUDA context, NCCL buffers,
+# cuBLAS workspaces and allocator fragmentation (a plan at 99 % of the card would not run).
+USABLE_FRACTION = 0.92
 
 # Public figures: dense bf16 peak, HBM, NVLink bus bandwidth per GPU (one direction, what a ring
 # all-reduce sees), one InfiniBand NIC per GPU. Efficiency: fraction of peak at matmul size s is
@@ -19,11 +22,11 @@ GiB = 1024**3
 # 580/598 TFLOP/s at hidden 1024..8192 of a 790 TFLOP/s matmul peak: 418/506/547/584 modelled);
 # A100 uses the same shape with its own peak (no measurement at hand).
 _PRESETS = {
-    "a100-40g": dict(memory_bytes=40 * GiB, peak_flops=312e12, intra_bw=240e9, inter_bw=25e9,
+    "a100-40g": dict(memory_bytes=40 * GiB * USABLE_FRACTION, peak_flops=312e12, intra_bw=240e9, inter_bw=25e9,
                      intra_latency=5e-6, inter_latency=10e-6, max_efficiency=0.75, half_efficiency_dim=1800),
-    "a100-80g": dict(memory_bytes=80 * GiB, peak_flops=312e12, intra_bw=240e9, inter_bw=25e9,
+    "a100-80g": dict(memory_bytes=80 * GiB * USABLE_FRACTION, peak_flops=312e12, intra_bw=240e9, inter_bw=25e9,
                      intra_latency=5e-6, inter_latency=10e-6, max_efficiency=0.75, half_efficiency_dim=1800),
-    "h100-80g": dict(memory_bytes=80 * GiB, peak_flops=989e12, intra_bw=370e9, inter_bw=50e9,
+    "h100-80g": dict(memory_bytes=80 * GiB * USABLE_FRACTION, peak_flops=989e12, intra_bw=370e9, inter_bw=50e9,
                      intra_latency=4e-6, inter_latency=8e-6, max_efficiency=0.80, half_efficiency_dim=2700),
 }
 
@@ -37,7 +40,7 @@ class Cluster:
     devices_per_node: int = 8
     """Devices (GPUs, or CPU processes for a local gloo run) per host."""
     memory_bytes: float
-    """Usable memory of one device, bytes."""
+    """Memory of one device that plans may use, bytes (presets keep 8 % of the card free)."""
     peak_flops: float
     """Dense peak throughput of one device in the training precision, FLOP/s."""
     intra_bw: float
