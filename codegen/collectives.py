@@ -15,7 +15,12 @@ Pairs (forward / backward), following the gradient convention of the shared sema
   all-to-all S(a)->S(b)   / all-to-all S(b)->S(a)
   all-gather (fused f)    / reduce-scatter        (S(d) -> R feeding only sharded compute)
   R -> P: keep on pos 0   / all-reduce
+  FSDP unit: all-gather   / reduce-scatter, async (one layer's parameters in one flat buffer each way)
 The step kinds come from fxplan.passes.redistribute (the single source of truth); emit.py maps them.
+All-gathers and reduce-scatters are single flat native ops where the backend has them (gloo from
+torch 2.13), detected at run time with an emulation for older torch (`gather_flat`,
+`reduce_scatter_flat`). The asynchronous FSDP reduce-scatters finish at the end of each backward
+pass by themselves (`wait_pending`, an autograd-engine callback).
 """
 
 from __future__ import annotations
@@ -70,6 +75,92 @@ def _backend(pg) -> str:
         return ""
 
 
+# ---------------------------------------------------------------- flat native collectives
+# One flat buffer per collective: `all_gather_into_tensor` / `reduce_scatter_tensor` (spelled
+# `*_single` from torch 2.13, where gloo implements both). Where a backend lacks one (gloo on older
+# torch) the first call raises "... not support ..." before any communication, on every rank alike
+# (same torch, same backend): we remember that and emulate (list all-gather; all-reduce + slice).
+
+
+def _gather_into(*args, **kwargs):  # looked up per call, so profilers that wrap dist.* see it
+    return (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(*args, **kwargs)
+
+
+def _reduce_scatter_into(*args, **kwargs):
+    return (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(*args, **kwargs)
+
+
+_NATIVE: dict[tuple[str, str], bool] = {}  # (op, backend) -> the native op works
+_UNSUPPORTED = object()
+
+
+class Pending:
+    """A launched collective; `wait()` blocks until its output buffer holds the result."""
+
+    def __init__(self, work=None, finish=None, keep=()):
+        self._work, self._finish, self._keep = work, finish, keep  # keep: buffers alive until done
+
+    def wait(self) -> None:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        if self._finish is not None:
+            finish, self._finish = self._finish, None
+            finish()
+        self._keep = ()
+
+
+def _native(op: str, pg, call):
+    backend = _backend(pg)
+    if _NATIVE.get((op, backend)) is False:
+        return _UNSUPPORTED
+    try:
+        work = call()
+    except (RuntimeError, NotImplementedError) as exc:
+        if _NATIVE.get((op, backend)) or "support" not in str(exc).lower():
+            raise  # a real failure, not a missing op
+        _NATIVE[(op, backend)] = False
+        return _UNSUPPORTED
+    _NATIVE[(op, backend)] = True
+    return work
+
+
+def native_support() -> dict[tuple[str, str], bool]:
+    """(op, backend) -> whether the native flat op was usable (filled as ops run; for tests/reports)."""
+    return dict(_NATIVE)
+
+
+def gather_flat(out: torch.Tensor, x: torch.Tensor, key: str, async_op: bool = False) -> Pending:
+    """out (flat, n * x.numel()) <- every member's x (flat), in key order. No autograd, no count."""
+    pg = groups.get(key)
+    x = x.contiguous()
+    work = _native("all_gather", pg, lambda: _gather_into(out, x, group=pg, async_op=async_op))
+    if work is _UNSUPPORTED:
+        n = len(groups.ranks_of(key))
+        work = dist.all_gather(list(out.view(n, -1).view((n,) + tuple(x.shape)).unbind(0)), x, group=pg,
+                               async_op=async_op)
+    return Pending(work if async_op else None, keep=(out, x))
+
+
+def reduce_scatter_flat(out: torch.Tensor, x: torch.Tensor, key: str, async_op: bool = False) -> Pending:
+    """out (flat) <- block `me` of the SUM over members of x (flat, n blocks of out's size)."""
+    pg = groups.get(key)
+    x = x.contiguous()
+    work = _native("reduce_scatter", pg, lambda: _reduce_scatter_into(out, x, group=pg, async_op=async_op))
+    if work is not _UNSUPPORTED:
+        return Pending(work if async_op else None, keep=(out, x))
+    n = len(groups.ranks_of(key))
+    total = x.clone()
+    work = dist.all_reduce(total, group=pg, async_op=async_op)
+
+    def finish():
+        out.copy_(total.view((n,) + tuple(out.shape))[_me(key)])
+    if not async_op:
+        finish()
+        return Pending()
+    return Pending(work, finish, keep=(out, total))
+
+
 def _all_reduce(x: torch.Tensor, key: str, phase: str) -> torch.Tensor:
     _count("all_reduce", key, phase, x)
     y = x.detach().contiguous().clone()
@@ -80,9 +171,11 @@ def _all_reduce(x: torch.Tensor, key: str, phase: str) -> torch.Tensor:
 def _all_gather(x: torch.Tensor, dim: int, key: str, phase: str) -> torch.Tensor:
     n = len(groups.ranks_of(key))
     x = x.detach().contiguous()
-    parts = [torch.empty_like(x) for _ in range(n)]
-    dist.all_gather(parts, x, group=groups.get(key))
-    out = torch.cat(parts, dim=dim)
+    flat = x.new_empty(n * x.numel())  # member i's piece is the i-th block: one flat native gather
+    gather_flat(flat, x.reshape(-1), key).wait()
+    stacked = flat.view((n,) + tuple(x.shape))
+    out = stacked.view((n * x.shape[0],) + tuple(x.shape[1:])) if dim == 0 and x.dim() else \
+        torch.cat(stacked.unbind(0), dim=dim)
     _count("all_gather", key, phase, out)
     return out
 
@@ -94,16 +187,12 @@ def _local_slice(x: torch.Tensor, dim: int, index: int, parts: int) -> torch.Ten
 
 def _reduce_scatter(x: torch.Tensor, dim: int, key: str, phase: str) -> torch.Tensor:
     n = len(groups.ranks_of(key))
-    pg = groups.get(key)
     _count("reduce_scatter", key, phase, x)
-    if _backend(pg) == "gloo":  # gloo has no reduce_scatter: all-reduce, keep our piece
-        y = x.detach().contiguous().clone()
-        dist.all_reduce(y, group=pg)
-        return _local_slice(y, dim, _me(key), n)
-    chunks = [c.contiguous() for c in x.detach().chunk(n, dim=dim)]
-    out = torch.empty_like(chunks[0])
-    dist.reduce_scatter(out, chunks, group=pg)
-    return out
+    # member j's chunk along dim must be the j-th contiguous block of the flat input
+    moved = x.detach().movedim(dim, 0).contiguous()
+    out = moved.new_empty((moved.shape[0] // n,) + tuple(moved.shape[1:]))
+    reduce_scatter_flat(out.view(-1), moved.view(-1), key).wait()
+    return out.movedim(0, dim).contiguous()
 
 
 def _all_to_all(x: torch.Tensor, src_dim: int, dst_dim: int, key: str, phase: str) -> torch.Tensor:
@@ -254,25 +343,117 @@ class _DpGradFix(torch.autograd.Function):
         return grad * ctx.scale, None, None
 
 
-class _FsdpGather(torch.autograd.Function):
-    """Flat 1/dp shard -> whole tp-local parameter; backward reduce-scatters (SUM) into the shard."""
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+class _FsdpGatherLayer(torch.autograd.Function):
+    """One FSDP unit (a layer's FSDP parameters on one dp group): ONE all-gather, ONE reduce-scatter.
+
+    Each shard is its parameter's flat 1/dp block (codegen/params.py). Forward concatenates this
+    rank's blocks, all-gathers the concatenation (member-major: [member][param block]) and copies
+    each parameter's blocks out into its tp-local shape. Backward writes each gradient into the same
+    member-major layout (padding stays zero) and reduce-scatters (SUM) it: this rank's slice holds
+    exactly its blocks' summed gradients.
+
+    Overlap: when the autograd engine is about to accumulate every shard's gradient into its .grad
+    (a plain .backward(), not autograd.grad), the reduce-scatter is launched asynchronously and the
+    backward returns no gradient for the shards; `wait_pending()`, queued as the engine's
+    end-of-backward callback, waits for it and accumulates into the shards' .grad. Meanwhile the
+    engine computes the earlier layers' backward. Otherwise the reduce-scatter runs synchronously
+    and the gradients are returned as usual.
+    """
 
     @staticmethod
-    def forward(ctx, shard, key, shape):
-        ctx.key = key
-        flat = _all_gather(shard, 0, key, "fwd")
-        numel = 1
-        for s in shape:
-            numel *= s
-        ctx.padded = flat.numel()
-        return flat[:numel].view(shape)
+    def forward(ctx, key, shapes, *shards):
+        n = len(groups.ranks_of(key))
+        blocks = [s.numel() for s in shards]
+        ctx.key, ctx.shapes, ctx.blocks, ctx.dtype = key, shapes, blocks, shards[0].dtype
+        mine = torch.cat([s.detach().reshape(-1) for s in shards]) if len(shards) > 1 else shards[0].detach().reshape(-1)
+        out = mine.new_empty(n * mine.numel())
+        gather_flat(out, mine, key).wait()
+        _count("all_gather", key, "fwd", out)
+        grid = out.view(n, -1)
+        fulls, offset = [], 0
+        for block, shape in zip(blocks, shapes):
+            flat = out if len(blocks) == 1 else grid[:, offset:offset + block].reshape(-1)  # the copy-out
+            fulls.append(flat[:_numel(shape)].view(shape))
+            offset += block
+        return tuple(fulls)
 
     @staticmethod
-    def backward(ctx, grad):
-        flat = grad.reshape(-1)
-        if flat.numel() < ctx.padded:
-            flat = torch.cat([flat, flat.new_zeros(ctx.padded - flat.numel())])
-        return _reduce_scatter(flat, 0, ctx.key, "bwd"), None, None
+    def backward(ctx, *grads):
+        n, blocks = len(groups.ranks_of(ctx.key)), ctx.blocks
+        total = sum(blocks)
+        send = torch.empty((n, total), dtype=ctx.dtype, device=grads[0].device)
+        offset = 0
+        for grad, block in zip(grads, blocks):
+            flat = grad.reshape(-1).to(ctx.dtype)
+            dst = send[:, offset:offset + block]
+            if flat.numel() < n * block:  # padding of the last block: zero gradient
+                flat = torch.cat([flat, flat.new_zeros(n * block - flat.numel())])
+            dst.copy_(flat.view(n, block))
+            offset += block
+        out = send.new_empty(total)
+        _count("reduce_scatter", ctx.key, "bwd", send)
+        leaves = _leaves_accumulated(ctx, len(blocks))
+        if leaves is not None and _defer_to_end_of_backward():
+            _PENDING.append((reduce_scatter_flat(out, send.view(-1), ctx.key, async_op=True), out, blocks, leaves))
+            return (None, None) + (None,) * len(blocks)
+        reduce_scatter_flat(out, send.view(-1), ctx.key).wait()
+        return (None, None) + tuple(out.split(blocks))
+
+
+# Launched reduce-scatters whose gradients are not in .grad yet: (pending, out, blocks, leaf shards).
+_PENDING: list[tuple] = []
+
+
+def _leaves_accumulated(ctx, count: int):
+    """The shard Parameters if the engine will accumulate all their gradients into .grad, else None."""
+    try:
+        nodes = [fn for fn, _ in ctx.next_functions]  # one per tensor input: the shards
+        if len(nodes) != count:
+            return None
+        leaves = []
+        for fn in nodes:
+            var = getattr(fn, "variable", None)  # AccumulateGrad nodes know their leaf
+            if var is None or not torch._C._will_engine_execute_node(fn):
+                return None
+            if getattr(var, "_backward_hooks", None) or getattr(var, "_post_accumulate_grad_hooks", None):
+                return None  # hooks on the shard expect the engine to deliver its gradient
+            leaves.append(var)
+        return leaves
+    except (AttributeError, RuntimeError):  # autograd.grad() capturing leaves, or an older torch
+        return None
+
+
+def _defer_to_end_of_backward() -> bool:
+    try:
+        torch.autograd.Variable._execution_engine.queue_callback(wait_pending)
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def wait_pending() -> None:
+    """Finish every asynchronous FSDP reduce-scatter and accumulate its gradients into .grad.
+
+    Runs by itself at the end of each backward pass (engine callback); calling it again is a cheap
+    no-op. The runtime may call it after its backward passes as a safety net.
+    """
+    while _PENDING:
+        pending, out, blocks, leaves = _PENDING.pop(0)
+        pending.wait()
+        with torch.no_grad():
+            for leaf, grad in zip(leaves, out.split(blocks)):
+                grad = grad.view_as(leaf)
+                if leaf.grad is None:
+                    leaf.grad = grad
+                else:
+                    leaf.grad.add_(grad)
 
 
 class _AllGatherRS(torch.autograd.Function):
@@ -367,13 +548,20 @@ def fxplan_dp_grad_fix(x: torch.Tensor, key: str, scale: float) -> torch.Tensor:
 
 
 def fxplan_fsdp_gather(shard: torch.Tensor, key: str, shape: tuple) -> torch.Tensor:
-    """FSDP: all-gather the flat shard over the dp group and view it as the tp-local `shape`."""
-    return _FsdpGather.apply(shard, key, tuple(shape))
+    """FSDP, one parameter: all-gather the flat shard over the dp group, view it as the tp-local `shape`."""
+    return _FsdpGatherLayer.apply(key, (tuple(shape),), shard)[0]
+
+
+def fxplan_fsdp_gather_layer(shards: list, key: str, shapes: tuple) -> tuple:
+    """FSDP, one layer's parameters at once: the flat shards -> each parameter in its tp-local shape.
+
+    One all-gather forward, one reduce-scatter (async, see _FsdpGatherLayer) backward."""
+    return _FsdpGatherLayer.apply(key, tuple(tuple(s) for s in shapes), *shards)
 
 
 COLLECTIVES = (fxplan_tp_f, fxplan_tp_all_reduce, fxplan_all_gather, fxplan_slice, fxplan_reduce_scatter,
                fxplan_all_to_all, fxplan_all_gather_rs, fxplan_r_to_p, fxplan_rows, fxplan_regroup_rows, fxplan_dp_grad_fix,
-               fxplan_fsdp_gather)
+               fxplan_fsdp_gather, fxplan_fsdp_gather_layer)
 
 # fx leaves if a module calling them is ever traced again.
 for _fn in COLLECTIVES:

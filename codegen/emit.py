@@ -10,6 +10,10 @@ collective each placement change needs):
   `consume_steps` (incl. Megatron's f: one per tensor and layer, shared by its sharded consumers);
 - a tensor produced in another layer (or received from the previous stage, or a stage-0 input
   that is the full microbatch on every rank) is converted with `layout_steps`;
+- FSDP parameters are stored per parameter (a flat 1/dp block each, codegen/params.py) but
+  gathered per layer: at the first use of any of them, ONE fxplan_fsdp_gather_layer call gathers
+  every FSDP parameter of that layer (same dp group and dtype) and getitems hand out each one; its
+  backward is one reduce-scatter, launched asynchronously (collectives.wait_pending);
 - shape arguments become static local shapes (codegen/shapes.py);
 - the last stage returns the local loss times 1/dp of the loss layer (the runtime applies
   1/microbatches), so summing over the dp group gives the true loss;
@@ -72,7 +76,11 @@ class _Ctx:
         return Layout(self.dp, self.tp, placement)
 
     def placement(self, node: str):
-        return self.spec.placements.get(node, R)
+        # A node outside the layer's own nodes (a stage-local get_attr of a weight another layer
+        # owns, e.g. a tied embedding read by the head) has the placement it enters the layer with,
+        # the same one its stored shard was cut with (_shard).
+        pl = self.spec.placements.get(node)
+        return pl if pl is not None else self.spec.input_placements.get(node, R)
 
 
 def replicated_spec(layer) -> TPSpec:
@@ -157,7 +165,6 @@ class _Emitter:
         self.keys: set[str] = set()
         self.local_params: dict[str, ParamShard] = {}
         self.tensors_out: dict[str, torch.Tensor] = {}
-        self.attr_of_target: dict[str, str] = {}
 
     # ------------------------------------------------------------ strategy context
     def _ctx(self, layer, strat) -> _Ctx:
@@ -306,7 +313,8 @@ class _Emitter:
         return list(args)
 
     # ------------------------------------------------------------ parameters
-    def _param(self, node: fx.Node, ctx: _Ctx) -> fx.Node:
+    def _shard(self, node: fx.Node, ctx: _Ctx) -> str:
+        """Cut (or create) this rank's shard of get_attr `node`'s tensor; register it; return its attr."""
         target = node.target
         full = None
         src = self.params_src
@@ -331,7 +339,8 @@ class _Emitter:
                            tp_index=ctx.tp_index, fsdp=fsdp, dp=ctx.dp, dp_index=ctx.dp_index, dp_group=ctx.dp_key,
                            numel_local=block, requires_grad=requires_grad, local_shape=local,
                            stored_shape=(block,) if fsdp else local, is_buffer=not is_param,
-                           dtype=str(full.dtype), tp_group=ctx.tp_key)
+                           dtype=str(full.dtype), tp_group=ctx.tp_key,
+                           fsdp_unit=f"{ctx.name}/{full.dtype}" if fsdp else "")
         if src == "meta" or full.device.type == "meta":
             tensor = torch.empty(shard.stored_shape, dtype=full.dtype, device="meta")
         else:
@@ -341,11 +350,45 @@ class _Emitter:
             attr += "_"
         self.local_params[attr] = shard
         self.tensors_out[attr] = nn.Parameter(tensor, requires_grad=requires_grad) if is_param else tensor
-        x = self.graph.get_attr(attr)
-        if fsdp:
-            self.keys.add(ctx.dp_key)
-            x = self.graph.call_function(C.fxplan_fsdp_gather, (x, ctx.dp_key, local))
-        return x
+        return attr
+
+    def _plan_params(self, sg: fx.Graph) -> None:
+        """Shard every parameter this stage reads (first get_attr of each target; later ones alias it)
+        and group the FSDP ones into units: one per (layer, dtype), gathered by one collective."""
+        first_of_target: dict[str, str] = {}
+        self.attr_of_node: dict[str, str] = {}
+        self.units: dict[str, list[str]] = {}  # unit -> get_attr node names, in graph order
+        self.unit_of: dict[str, str] = {}  # get_attr node name -> its unit, until the unit is gathered
+        for node in sg.nodes:
+            if node.op != "get_attr":
+                continue
+            if node.target in first_of_target:
+                self.alias[node.name] = first_of_target[node.target]
+                continue
+            first_of_target[node.target] = node.name
+            attr = self._shard(node, self.ctx_of[node.name])
+            self.attr_of_node[node.name] = attr
+            unit = self.local_params[attr].fsdp_unit
+            if unit:
+                self.units.setdefault(unit, []).append(node.name)
+                self.unit_of[node.name] = unit
+
+    def _ensure_param(self, name: str) -> None:
+        """Emit the gather of `name`'s FSDP unit at its first use: the get_attr of every member, one
+        fxplan_fsdp_gather_layer call, one getitem per member (a whole layer arrives in one collective)."""
+        unit = self.unit_of.get(self.alias.get(name, name))
+        if unit is None:
+            return
+        members = self.units[unit]
+        shards = [self.local_params[self.attr_of_node[m]] for m in members]
+        attrs = [self.graph.get_attr(self.attr_of_node[m]) for m in members]
+        key = shards[0].dp_group
+        self.keys.add(key)
+        gathered = self.graph.call_function(C.fxplan_fsdp_gather_layer,
+                                            (attrs, key, tuple(tuple(s.local_shape) for s in shards)))
+        for i, m in enumerate(members):
+            self.internal[m] = self.graph.call_function(operator.getitem, (gathered, i))
+            del self.unit_of[m]
 
     # ------------------------------------------------------------ the pass
     def _assign_layers(self, sg: fx.Graph) -> None:
@@ -382,7 +425,7 @@ class _Emitter:
     def run(self) -> RankProgram:
         sg = self.stage_graph.gm.graph
         self._assign_layers(sg)
-        first_of_target: dict[str, str] = {}
+        self._plan_params(sg)
         inputs, input_layouts = [], []
         for node in sg.nodes:
             if node.op == "placeholder":
@@ -393,12 +436,9 @@ class _Emitter:
                 inputs.append(node.name)
                 input_layouts.append(layout)
             elif node.op == "get_attr":
-                ctx = self.ctx_of[node.name]
-                if node.target in first_of_target:
-                    self.alias[node.name] = first_of_target[node.target]
-                    continue
-                first_of_target[node.target] = node.name
-                self.internal[node.name] = self._param(node, ctx)
+                if node.name in self.alias or node.name in self.unit_of or node.name in self.internal:
+                    continue  # an alias, or an FSDP parameter gathered with its unit at first use
+                self.internal[node.name] = self.graph.get_attr(self.attr_of_node[node.name])
             elif node.op == "output":
                 return self._finish(node, inputs, input_layouts)
             else:
@@ -420,6 +460,8 @@ class _Emitter:
     def _emit_node(self, node: fx.Node) -> None:
         ctx = self.ctx_of[node.name]
         wanted = self._wanted(node, ctx)
+        for a in node.all_input_nodes:
+            self._ensure_param(a.name)
         env = {}
         for a, want in zip(node.all_input_nodes, wanted):
             if a.name not in self.meta and a.name in self.internal:  # non-tensor value (a size)
@@ -452,6 +494,8 @@ class _Emitter:
     def _finish(self, out_node: fx.Node, inputs, input_layouts) -> RankProgram:
         last = self.stage.index == len(self.plan.stages) - 1
         outputs = self.stage_graph.outputs
+        for name in outputs:
+            self._ensure_param(name)
         scale = 1.0
         if last:
             x, layout = self._home(outputs[0])

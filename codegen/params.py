@@ -2,9 +2,11 @@
 
 tp: a Shard(dim) parameter keeps slice tp_index of tp along tp_dim (R: the whole tensor).
 FSDP: the tp-local tensor is flattened, zero-padded to a multiple of dp, and the rank keeps flat
-block dp_index; the graph all-gathers it before use (collectives.fxplan_fsdp_gather) and the
-gather's backward reduce-scatters (SUM) the gradient, so an FSDP shard's .grad is already summed
-over its dp group. Non-FSDP parameter gradients are dp-partial: the runtime sums them over
+block dp_index. The FSDP parameters of one layer (same dp group, same dtype) form a unit named by
+`fsdp_unit`: the graph all-gathers the unit's blocks in ONE collective before the layer's first use
+(collectives.fxplan_fsdp_gather_layer) and its backward reduce-scatters (SUM) the unit's gradients in
+one collective, so an FSDP shard's .grad is already summed over its dp group. Each parameter keeps
+its own stored tensor (attribute), so slicing and reassembling stay per parameter. Non-FSDP parameter gradients are dp-partial: the runtime sums them over
 `dp_group` once per iteration.
 """
 
@@ -35,6 +37,7 @@ class ParamShard:
     is_buffer: bool = False
     dtype: str = "torch.float32"
     tp_group: str = ""  # group key of the owning layer's tp group
+    fsdp_unit: str = ""  # FSDP: the unit gathered together ("<layer>/<dtype>"); "" without FSDP
 
     @property
     def padded_numel(self) -> int:

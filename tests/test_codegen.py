@@ -150,5 +150,5 @@ def test_gloo_two_ranks_match_model():
     script = os.path.join(os.path.dirname(__file__), "workers", "codegen_worker.py")
     res = run_torchrun(script, 2, timeout_s=120)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-    for case in ("tp", "dp_fsdp", "mixed"):
+    for case in ("tp", "dp_fsdp", "mixed", "fsdp_paths"):
         assert f"CASE {case} ok" in res.stdout

@@ -74,13 +74,22 @@ def test_tp8_megatron_block(gpt, fake_pg):
 
 
 def test_fsdp_plan_gathers_parameters(gpt, fake_pg):
+    """dp=8 FSDP everywhere: one flat all-gather per layer (a unit of all its parameters) forward,
+    one reduce-scatter per layer backward, each parameter still stored as its own 1/dp block."""
     _, inputs, traced, lg, space = gpt
     plan = fx_.make_plan(lg, WORLD, lambda layer: 0, fx_.uniform(WORLD, 1, fsdp=True))
     prog = emit_rank(traced, lg, space, plan, 5)
     code = _code(prog)
     fsdp = {a: s for a, s in prog.params.items() if s.fsdp}
     assert len(fsdp) == len(prog.params)
-    assert len(re.findall(r"= fxplan_fsdp_gather\(", code)) == len(fsdp)
+    units = {s.fsdp_unit for s in fsdp.values()}
+    assert units == {f"{layer.name}/torch.float32" for layer in lg.layers if layer.param_numel}
+    calls = re.findall(r"= fxplan_fsdp_gather_layer\(\[([^\]]*)\], '([^']*)'", code)
+    assert len(calls) == len(units)
+    for attrs, key in calls:  # each call gathers exactly one unit's parameters
+        members = [a.strip() for a in attrs.split(",")]
+        assert len({fsdp[a].fsdp_unit for a in members}) == 1 and key == "dp:0,1,2,3,4,5,6,7"
+    assert sorted(a.strip() for attrs, _ in calls for a in attrs.split(",")) == sorted(fsdp)
     for attr, s in fsdp.items():
         assert s.dp_index == 5 and s.dp_group == "dp:0,1,2,3,4,5,6,7"
         assert getattr(prog.gm, attr).shape == (-(-torch.Size(s.global_shape).numel() // WORLD),)
@@ -88,8 +97,13 @@ def test_fsdp_plan_gathers_parameters(gpt, fake_pg):
     groups.create_groups(groups.required_group_keys(plan, lg, space))
     collectives.reset_counts()
     prog.gm(*inputs).backward()
-    kinds = {(k, phase) for (k, _, phase) in collectives.counts()}
-    assert ("all_gather", "fwd") in kinds and ("reduce_scatter", "bwd") in kinds
+    counts = collectives.counts()
+    kinds = {(k, phase): c.calls for (k, _, phase), c in counts.items()}
+    assert kinds == {("all_gather", "fwd"): len(units), ("reduce_scatter", "bwd"): len(units)}
+    # every FSDP shard got a gradient of its stored shape (async reduce-scatters were waited for)
+    for attr in fsdp:
+        p = prog.gm.get_parameter(attr)
+        assert p.grad is not None and p.grad.shape == p.shape, attr
 
 
 def test_dp_plan_slices_rows_and_scales_loss(gpt):
@@ -119,3 +133,60 @@ def test_pipeline_stage_layouts(gpt):
     assert second.inputs == first.outputs and second.input_layouts == first.output_layouts
     # rows regrouped from dp=4 to dp=1 over the stage's ranks 4..7 (an all-gather of the rows)
     assert "fxplan_regroup_rows(" in _code(second) and "'rows:4,5,6,7'" in _code(second)
+
+
+def test_tied_weight_copy_on_later_tp_stage(gpt, fake_pg):
+    """pp=2 x tp=4 on a tied GPT: stage 1's copy of the embedding (read by the head) is stored and
+    consumed with the head's input placement; both stages run forward and backward with it."""
+    _, inputs, traced, lg, space = gpt
+    n = len(lg.layers)
+    plan = fx_.make_plan(lg, WORLD, lambda layer: int(layer.index >= n // 2), fx_.uniform(1, 4, space))
+    first, second = emit_rank(traced, lg, space, plan, 0), emit_rank(traced, lg, space, plan, 4)
+    shared = {s.name for s in first.params.values()} & {s.name for s in second.params.values()}
+    assert shared, "the fixture's GPT ties its embedding and head"
+    fake_pg(0)
+    groups.create_groups(groups.required_group_keys(plan, lg, space))
+    sent = [t.detach().requires_grad_(t.is_floating_point()) for t in first.gm(*inputs)]
+    groups.clear()
+    dist.destroy_process_group()
+    fake_pg(4)
+    groups.create_groups(groups.required_group_keys(plan, lg, space))
+    loss = second.gm(*sent)
+    loss.backward()
+    for attr, s in second.params.items():
+        p = getattr(second.gm, attr)
+        assert tuple(p.shape) == s.stored_shape
+        if s.name in shared:
+            assert p.grad is not None and p.grad.shape == p.shape
+
+
+def test_fsdp_split_backward_input_then_weight(gpt, fake_pg):
+    """Zero-bubble style backward (I then W, autograd.grad underneath) on an FSDP stage: the unit's
+    reduce-scatter runs synchronously there (no async deferral), once per unit, and every shard
+    gets its gradient."""
+    backward = pytest.importorskip("torch.distributed.pipelining._backward")
+    _, inputs, traced, lg, space = gpt
+    n = len(lg.layers)
+    plan = fx_.make_plan(lg, WORLD, lambda layer: int(layer.index >= n // 2), fx_.uniform(4, 1, fsdp=True))
+    first, second = emit_rank(traced, lg, space, plan, 0), emit_rank(traced, lg, space, plan, 4)
+    fake_pg(0)
+    groups.create_groups(groups.required_group_keys(plan, lg, space))
+    sent = [t.detach().requires_grad_(t.is_floating_point()) for t in first.gm(*inputs)]
+    groups.clear()
+    dist.destroy_process_group()
+    fake_pg(4)
+    groups.create_groups(groups.required_group_keys(plan, lg, space))
+    collectives.reset_counts()
+    loss = second.gm(*sent)
+    params = list(second.gm.parameters())
+    _, param_groups = backward.stage_backward_input([loss], None, [t for t in sent if t.requires_grad], params)
+    backward.stage_backward_weight(params, param_groups)
+    assert not collectives._PENDING
+    units = {s.fsdp_unit for s in second.params.values() if s.fsdp}
+    assert len(units) == n - n // 2
+    rs = sum(c.calls for (k, _, phase), c in collectives.counts().items() if k == "reduce_scatter" and phase == "bwd")
+    assert rs == len(units)
+    for attr, s in second.params.items():
+        if s.fsdp:
+            p = getattr(second.gm, attr)
+            assert p.grad is not None and p.grad.shape == p.shape == s.stored_shape, attr

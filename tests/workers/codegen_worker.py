@@ -104,6 +104,64 @@ def recompute_cases(model, inputs, traced, lg, space):
             print(f"CASE {name}_rc collectives fwd {calls(base, 'fwd')} -> {calls(rc, 'fwd')}", flush=True)
 
 
+def fsdp_paths(model, inputs, traced, lg, space):
+    """The FSDP unit's three gradient paths agree: async reduce-scatter finished by the end-of-backward
+    callback (.backward()), synchronous (autograd.grad), and emulated collectives (a torch whose gloo
+    lacks reduce_scatter_tensor / all_gather_into_tensor); a second backward accumulates."""
+    world = dist.get_world_size()
+    plan = fx_.make_plan(lg, world, lambda layer: 0, fx_.uniform(world, 1, fsdp=True))
+    groups.create_groups(groups.required_group_keys(plan, lg, space))
+    prog = emit_rank(traced, lg, space, plan, dist.get_rank())
+    attrs = [a for a, s in prog.params.items() if s.fsdp]
+    shards = [prog.gm.get_parameter(a) for a in attrs]
+    assert len({prog.params[a].fsdp_unit for a in attrs}) < len(attrs)  # units hold several parameters
+
+    synced = torch.autograd.grad(prog.gm(*inputs), shards)
+    drained = []  # how many async reduce-scatters each end-of-backward callback finished
+    real_wait = collectives.wait_pending
+    collectives.wait_pending = lambda: (drained.append(len(collectives._PENDING)), real_wait())
+    try:
+        prog.gm(*inputs).backward()
+    finally:
+        collectives.wait_pending = real_wait
+    units = {prog.params[a].fsdp_unit for a in attrs}
+    assert sum(drained) == len(units) and not collectives._PENDING, drained
+    for a, p, g in zip(attrs, shards, synced):
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=0, msg=a)
+    if hasattr(dist, "reduce_scatter_single"):  # torch 2.13: gloo runs both flat ops natively
+        assert collectives.native_support() == {("all_gather", "gloo"): True, ("reduce_scatter", "gloo"): True}
+    seen = []  # a hook on a shard: its unit falls back to the synchronous path, the hook sees the grad
+    shards[0].register_post_accumulate_grad_hook(lambda p: seen.append(p.grad.clone()))
+    prog.gm(*inputs).backward()
+    for a, p, g in zip(attrs, shards, synced):
+        torch.testing.assert_close(p.grad, 2 * g, msg=a)
+    assert len(seen) == 1 and torch.equal(seen[0], shards[0].grad)
+
+    def unsupported(*args, **kwargs):
+        raise RuntimeError("ProcessGroupGloo does not support this collective")
+    names = ("all_gather_single", "reduce_scatter_single", "all_gather_into_tensor", "reduce_scatter_tensor")
+    saved = {n: getattr(dist, n) for n in names if hasattr(dist, n)}
+    saved_native = dict(collectives._NATIVE)
+    try:
+        for n in saved:
+            setattr(dist, n, unsupported)
+        collectives._NATIVE.clear()
+        for p in shards:
+            p.grad = None
+        prog.gm(*inputs).backward()
+        assert collectives.native_support() == {("all_gather", "gloo"): False, ("reduce_scatter", "gloo"): False}
+    finally:
+        for n, fn in saved.items():
+            setattr(dist, n, fn)
+        collectives._NATIVE.clear()
+        collectives._NATIVE.update(saved_native)
+    for a, p, g in zip(attrs, shards, synced):
+        torch.testing.assert_close(p.grad, g, msg=a)
+    if dist.get_rank() == 0:
+        print("CASE fsdp_paths ok", flush=True)
+    dist.barrier()
+
+
 def main():
     dist.init_process_group("gloo")
     world = dist.get_world_size()
@@ -122,6 +180,7 @@ def main():
             return Strategy(1, world, spec=fx_.megatron_label(space, layer, world))
         return Strategy(world, 1, fsdp=layer.name == lg.layers[-1].name)
     check("mixed", fx_.make_plan(lg, world, one, mixed), model, inputs, traced, lg, space)
+    fsdp_paths(model, inputs, traced, lg, space)
     dist.destroy_process_group()
 
 
