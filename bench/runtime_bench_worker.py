@@ -232,7 +232,8 @@ def pipelining_contender(model, batch, plan):
 # ---------------------------------------------------------------- where the time goes (--profile)
 
 # Not isend/irecv: dist.P2POp checks that its op IS dist.isend / dist.irecv, so a wrapper breaks it.
-_WRAPPED = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
+_WRAPPED = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "reduce_scatter",
+            "reduce_scatter_tensor", "reduce_scatter_single",
             "broadcast", "send", "recv", "batch_isend_irecv", "barrier")
 
 
