@@ -15,7 +15,7 @@ def draw_plan(plan: Plan, path: str) -> None:
     labels = sorted({str(s) for stage in plan.stages for s in stage.strategies.values()})
     colours = {label: plt.cm.tab20(i % 20) for i, label in enumerate(labels)}
     n_layers = max(len(plan.layers), 1)
-    fig, ax = plt.subplots(figsize=(min(4 + n_layers * 0.25, 24), 1.2 + 0.6 * plan.pp))
+    fig, ax = plt.subplots(figsize=(min(max(8, 4 + n_layers * 0.25), 24), 1.8 + 0.6 * plan.pp))
     x = 0
     for stage in plan.stages:
         for name in stage.layers:
@@ -29,8 +29,9 @@ def draw_plan(plan: Plan, path: str) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("layers in pipeline order")
     ax.set_title(f"pp={plan.pp}, {plan.microbatches} microbatches, {plan.schedule}: "
-                 f"{plan.estimated_iteration_s * 1e3:.2f} ms / iteration (estimated)")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=min(len(labels), 4), fontsize=8)
-    fig.tight_layout()
+                 f"{plan.estimated_iteration_s * 1e3:.2f} ms / iteration (estimated)", fontsize=10)
+    rows = (len(labels) + 3) // 4
+    fig.legend(loc="lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 + 0.06 * rows, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -99,3 +99,13 @@ def test_cli_bad_argument_is_one_line():
     assert "known presets" in out.stderr
     out = _cli("plan", "--batch", "x")
     assert out.returncode != 0 and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_cli_plan_writes_json_and_png(tmp_path):
+    out = _cli("plan", "--model", "mlp", "--batch", "8", "--cluster", "a100-80g:1x2",
+               "--json", str(tmp_path / "p.json"), "--png", str(tmp_path / "p.png"))
+    assert out.returncode == 0, out.stderr
+    plan = Plan.from_json((tmp_path / "p.json").read_text())
+    assert plan.world_size == 2 and sorted(d for s in plan.stages for d in s.devices) == [0, 1]
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "estimated iteration" in out.stdout
