@@ -121,6 +121,7 @@ class Runner:
         self.program = _emit(cg.emit_rank, compiled, self.rank)
         self.gm = self.program.gm
         self._install_params(init_fn)
+        self._shared = self._shared_params()
         self.rows_seen: list[int] = []
         self.gm.register_forward_pre_hook(self._count_rows)
         self._pipe = None
@@ -193,6 +194,7 @@ class Runner:
         else:
             local = self._run_pipeline(batch, m)
         self._sum_grads_over_dp()
+        self._sum_grads_over_stages()
         for p, old in zip(params, stash):
             if old is not None:
                 p.grad = old if p.grad is None else old.add_(p.grad)
@@ -271,12 +273,71 @@ class Runner:
             group = self.codegen.groups.get(key)
             for chunk in _chunks(members, BUCKET_NUMEL):
                 flat = torch.cat([p.grad.reshape(-1) for p in chunk])
+                _count("all_reduce", key, "grad", flat)
                 dist.all_reduce(flat, group=group)
                 offset = 0
                 for p in chunk:
                     n = p.grad.numel()
                     p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
                     offset += n
+
+    def _shared_params(self) -> list[tuple[str, list[tuple[str, int]]]]:
+        """[(group key, [(attr, replicas)])]: this rank's parameters that other STAGES hold too.
+
+        A weight used by layers on two stages (GPT's tied embedding/head) gets one copy per stage
+        (codegen/split.py); each copy's gradient holds only its own stage's uses. Every rank learns
+        every rank's shards here (one all_gather_object at setup), so all ranks create the holder
+        groups in the same order (new_group is collective over the world).
+        """
+        own = materialize.owners(self.model)
+        mine = [(_key(own, s.name), _piece(s)) for s in self.program.params.values() if s.requires_grad]
+        everyone: list = [None] * self.world_size
+        dist.all_gather_object(everyone, (self.stage_index, mine))
+        holders: dict[str, dict[int, list[tuple[int, tuple]]]] = {}  # key -> stage -> [(rank, piece)]
+        for r, (stage, items) in enumerate(everyone):
+            for name, piece in items:
+                holders.setdefault(name, {}).setdefault(stage, []).append((r, tuple(piece)))
+        shared = {name: by_stage for name, by_stage in sorted(holders.items()) if len(by_stage) > 1}
+        keys = sorted({self.codegen.groups.group_key(sorted(r for lst in by_stage.values() for r, _ in lst), "tied")
+                       for by_stage in shared.values()}, key=lambda k: (len(self.codegen.groups.ranks_of(k)), k))
+        self.codegen.groups.create_groups(keys)
+        out: dict[str, list[tuple[str, int]]] = {}
+        for attr, s in self.program.params.items():
+            name = _key(own, s.name)
+            if not s.requires_grad or name not in shared:
+                continue
+            by_stage = shared[name]
+            ranks = sorted(r for lst in by_stage.values() for r, _ in lst)
+            # ranks of this stage holding the very same piece each add it: divide to count it once
+            replicas = sum(1 for _, piece in by_stage[self.stage_index] if piece == tuple(_piece(s)))
+            out.setdefault(self.codegen.groups.group_key(ranks, "tied"), []).append((attr, replicas))
+        return sorted(out.items())
+
+    def _sum_grads_over_stages(self) -> None:
+        """Make every stage's copy of a shared weight carry the SUM of all stages' gradients.
+
+        Runs after the dp sum, so each holder's local grad is its stage's complete contribution in
+        its own shard layout (tp slice, FSDP block). Each holder writes it into a full-size zero
+        tensor (divided by the ranks of its stage holding the same piece), one flat all-reduce per
+        holder group sums the stages, and each holder cuts its own shard back out.
+        """
+        for key, members in self._shared:
+            group = self.codegen.groups.get(key)
+            fulls = []
+            for attr, replicas in members:
+                p, shard = _get_attr(self.gm, attr), self.program.params[attr]
+                grad = p.grad if p.grad is not None else torch.zeros_like(p)
+                fulls.append(_scatter_full(grad, shard) / replicas)
+            flat = torch.cat([f.reshape(-1) for f in fulls])
+            _count("all_reduce", key, "grad", flat)
+            dist.all_reduce(flat, group=group)
+            offset = 0
+            for (attr, _), full in zip(members, fulls):
+                n = full.numel()
+                p, shard = _get_attr(self.gm, attr), self.program.params[attr]
+                local = materialize.local_shard(flat[offset:offset + n].view_as(full), shard)
+                p.grad = local.view_as(p).to(p.dtype)
+                offset += n
 
     def _reduce_loss(self, local: torch.Tensor) -> StepLoss:
         # Every last-stage rank holds a dp-partial loss; the tp replicas of the loss layer each hold
@@ -367,6 +428,30 @@ def _emit(emit_rank, compiled, rank: int):
         return emit_rank(*args, params="meta")
     except TypeError:  # an emit without the params switch
         return emit_rank(*args)
+
+
+def _scatter_full(local: torch.Tensor, shard) -> torch.Tensor:
+    """A zero tensor of the parameter's full shape holding `local` (this rank's shard) in its place."""
+    full = torch.zeros(tuple(shard.global_shape), dtype=local.dtype, device=local.device)
+    target = full
+    if shard.tp_dim is not None and shard.tp > 1:
+        target = full.chunk(shard.tp, dim=shard.tp_dim)[shard.tp_index]  # a view into `full`
+    if shard.fsdp:
+        block = local.numel()
+        flat = torch.zeros(block * shard.dp, dtype=local.dtype, device=local.device)
+        flat[shard.dp_index * block:(shard.dp_index + 1) * block] = local.reshape(-1)
+        target.copy_(flat[:target.numel()].view(target.shape))
+    else:
+        target.copy_(local.view(target.shape))
+    return full
+
+
+def _count(kind: str, key: str, phase: str, tensor: torch.Tensor) -> None:
+    # The runtime's own gradient collectives count next to the graph's (collectives.counts()), so
+    # tests see every collective a step executes.
+    from fxplan.codegen import collectives
+
+    collectives._count(kind, key, phase, tensor)
 
 
 def _piece(s) -> tuple:

@@ -40,7 +40,7 @@ def main() -> None:
         ref_loss = reference(*batch)
         ref_loss.backward()
         ref_opt.step()
-        ref_losses.append(float(ref_loss))
+        ref_losses.append(float(ref_loss.detach()))
     full = runner.full_state_dict()
     ref_state = reference.state_dict()
     diff = max(float((full[k].float() - ref_state[k].float()).abs().max()) for k in ref_state)

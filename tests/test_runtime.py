@@ -1,13 +1,11 @@
-"""The runtime: Runner under torchrun (gloo, 4 CPU processes) against single-device training.
+"""The runtime: setup errors and failure handling under torchrun, and its single-process helpers.
 
-Multi-process tests launch ONE torchrun per model; the worker loops over plans and prints a
-`RESULT {json}` line per plan (tests/workers/runtime_worker.py). Until codegen/emit lands the
-workers use a clearly marked tp=1 stand-in (tests/workers/runtime_standin.py).
+The plan matrix against single-device training (every strategy family, presets, a custom model,
+HF models, a meta model) is tests/test_runtime_matrix.py.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -19,76 +17,8 @@ from fxplan.codegen.launch import run_torchrun
 from fxplan.errors import DistributedSetupError, ModelError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-WORKER = os.path.join(HERE, "workers", "runtime_worker.py")
 FAIL_WORKER = os.path.join(HERE, "workers", "runtime_fail_worker.py")
 ENV = {"FXPLAN_TIMEOUT_S": "30", "OMP_NUM_THREADS": "1"}
-
-
-def _results(proc) -> dict[str, dict]:
-    lines = [line[len("RESULT "):] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    return {r["plan"]: r for r in map(json.loads, lines)}
-
-
-def _check(result: dict) -> None:
-    assert "error" not in result, result["error"]
-    assert result["keys_equal"]
-    assert result["init_diff"] == 0.0  # every rank starts from the model's exact values
-    assert result["losses"] == pytest.approx(result["reference"], rel=1e-4, abs=1e-5)
-    # the loss is one number on every rank, bit for bit
-    assert all(losses == result["losses"] for losses in result["losses_by_rank"])
-    assert result["param_close"], result["max_param_diff"]
-    assert result["grad_diff"] < 1e-5  # two steps without zero_grad accumulate like two backward()
-
-
-@pytest.fixture(scope="module")
-def gpt_run():
-    proc = run_torchrun(WORKER, 4, ["--model", "gpt"], timeout_s=240, env=ENV)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return _results(proc)
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-@pytest.mark.parametrize("plan", ["dp4", "dp4-fsdp", "pp4-gpipe", "pp4-1f1b", "pp2xdp2-1f1b",
-                                  "pp2xdp2-fsdp-gpipe", "pp2xdp2-meta"])
-def test_gpt_plans_match_single_device(gpt_run, plan):
-    _check(gpt_run[plan])
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_rows_and_shards_follow_the_plan(gpt_run):
-    # global batch 16: dp4 with 2 microbatches -> the stage module sees the full 8-row microbatch
-    assert [r["rows_seen"] for r in gpt_run["dp4"]["per_rank"]] == [[8] * 4] * 4
-    # pp4, 4 microbatches: stage i on rank i, 4 rows per forward
-    pp4 = gpt_run["pp4-1f1b"]["per_rank"]
-    assert [r["stage"] for r in pp4] == [0, 1, 2, 3]
-    assert all(r["rows_seen"] == [4] * 4 for r in pp4)
-    # pp2 x dp2: stage 1 receives its peer's dp half of each 8-row microbatch
-    hybrid = gpt_run["pp2xdp2-1f1b"]["per_rank"]
-    assert [r["rows_seen"][0] for r in hybrid] == [8, 8, 4, 4]
-    # pipeline stages hold disjoint parameters covering the model; fsdp holds ~1/dp of a stage
-    full = gpt_run["dp4"]["full_numel"]
-    assert sum(r["local_numel"] for r in pp4) == full
-    fsdp = gpt_run["dp4-fsdp"]["per_rank"]
-    assert all(full / 4 <= r["local_numel"] < full / 4 + 64 for r in fsdp)
-
-
-E2E_WORKER = os.path.join(HERE, "workers", "runtime_e2e_worker.py")
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_compile_distribute_end_to_end():
-    # the real path: fxplan.compile inside torchrun -> codegen/emit -> Runner, several pinned plans
-    proc = run_torchrun(E2E_WORKER, 4, ["--pins", "pp=2;tp=2;pp=1,fsdp=true"], timeout_s=280, env=ENV)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    lines = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert [r["pins"] for r in lines] == ["pp=2", "tp=2", "pp=1,fsdp=true"]
-    for r in lines:
-        assert r["keys_equal"], r["plan"]
-        assert r["losses"] == pytest.approx(r["reference"], rel=1e-4, abs=1e-5), r["plan"]
-        assert r["max_param_diff"] < 1e-5, r["plan"]
 
 
 @pytest.mark.slow
@@ -149,6 +79,25 @@ def test_local_shard_and_unshard_round_trip(tp_dim, tp, fsdp, dp):
                 assert local.numel() == materialize.fsdp_chunk_numel(full.numel() // tp, dp)
             pieces[(t, d if fsdp else None)] = local
     assert torch.equal(materialize.unshard(pieces, _Shard((6, 4), tp_dim, tp, 0, fsdp, dp, 0)), full)
+
+
+@pytest.mark.parametrize("tp_dim,tp,fsdp,dp", [(None, 1, False, 1), (1, 2, False, 2), (0, 3, True, 2),
+                                               (None, 1, True, 4)])
+def test_shared_weight_grads_scatter_into_the_full_tensor(tp_dim, tp, fsdp, dp):
+    # the cross-stage sum of a tied weight: every piece scattered into a zero full tensor and summed
+    # gives the full tensor back, and each holder cuts exactly its own shard out of the sum
+    from fxplan.codegen.runtime import _scatter_full
+
+    full = torch.randn(6, 4)
+    total = torch.zeros_like(full)
+    for t in range(tp):
+        for d in range(dp if fsdp else 1):
+            shard = _Shard((6, 4), tp_dim, tp, t, fsdp, dp, d)
+            local = materialize.local_shard(full, shard)
+            placed = _scatter_full(local, shard)
+            assert torch.equal(materialize.local_shard(placed, shard), local)
+            total += placed
+    assert torch.equal(total, full)
 
 
 def _meta_model():

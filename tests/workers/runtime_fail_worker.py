@@ -2,25 +2,25 @@
 
     torchrun --standalone --nproc-per-node 4 tests/workers/runtime_fail_worker.py
 
-Prints `CHECK name ok|message` lines per rank, then every rank starts a pp=4 step and rank 1
-raises inside its stage's forward: torchrun must end every rank, non-zero, naming rank 1.
+Real plans through fxplan.compile. Prints `CHECK name rankR ok|no-error` lines per rank (a plan
+for another world size; ranks holding different plans), then every rank runs one good pp=4 step
+and rank 1 raises inside its stage's forward on the next: torchrun must end every rank, non-zero,
+naming rank 1.
 """
 
 from __future__ import annotations
 
-import os
-import sys
+import dataclasses
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fxplan
+from fxplan.codegen.runtime import init_default_group
+from fxplan.errors import DistributedSetupError
+from fxplan.models import build
 
-import runtime_standin as standin  # noqa: E402  (STAND-IN for codegen/emit)
-from runtime_worker import BATCH, batches, build  # noqa: E402
-
-from fxplan.codegen.runtime import Runner, init_default_group  # noqa: E402
-from fxplan.errors import DistributedSetupError  # noqa: E402
+BATCH = 16
 
 
 def check(name: str, fn) -> None:
@@ -35,16 +35,23 @@ def main() -> None:
     torch.set_num_threads(1)
     init_default_group()
     rank, world = dist.get_rank(), dist.get_world_size()
-    model, layers = build("mlp")
-    small = standin.make_plan(layers, 2, 2, 2, "gpipe", batch=BATCH)
-    check("world", lambda: Runner(standin.compiled(model, small), _codegen=standin.codegen()))
-    odd = standin.make_plan(layers, world, 4, 4 if rank != 3 else 2, "gpipe", batch=BATCH)
-    check("same-plan", lambda: Runner(standin.compiled(model, odd), _codegen=standin.codegen()))
+    torch.manual_seed(0)
+    # float regression targets: they cross every stage untouched, with no gradient sent back
+    model = build("mlp:layers=4,hidden=16,in=8,out=2,loss=mse")
+    batch = model.example_batch(BATCH, generator=torch.Generator().manual_seed(1))
 
-    plan = standin.make_plan(layers, world, 4, 4, "1f1b", batch=BATCH)
-    runner = Runner(standin.compiled(model, plan), _codegen=standin.codegen())
-    batch = batches("mlp")[0]
-    loss = float(runner.train_step(*batch))  # one good step first (float targets cross every stage)
+    def compile_for(world_size, **pins):
+        return fxplan.compile(model, batch, cluster=fxplan.Cluster.local(world_size=world_size),
+                              constraints=fxplan.Constraints(**pins), verbose=False)
+
+    check("world", lambda: compile_for(2, pp=2, microbatches=2).distribute())
+    good = compile_for(world, pp=4, microbatches=4, schedule="1f1b")
+    odd = good.plan if rank != 3 else dataclasses.replace(good.plan, microbatches=2)
+    check("same-plan", lambda: fxplan.compile(model, batch, cluster=fxplan.Cluster.local(world_size=world),
+                                              plan=odd, verbose=False).distribute())
+
+    runner = good.distribute()
+    loss = float(runner.train_step(*batch))  # one good step first
     print(f"GOOD rank{rank} {loss!r} {float(model(*batch))!r}", flush=True)
     if rank == 1:
         def boom(module, args):
