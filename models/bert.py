@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxplan.models.base import Preset, check, check_heads, check_positive, randint
-from fxplan.models.layers import Embedding, LayerNorm, Linear, dropout, fused_qkv, merge_heads
+from fxplan.models.layers import FusedSelfAttention, Embedding, LayerNorm, Linear, dropout
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,28 +40,13 @@ class BertConfig:
         check(0.0 <= self.dropout < 1.0, f"bert: dropout must be in [0, 1), got {self.dropout}")
 
 
-class SelfAttention(nn.Module):
-    def __init__(self, cfg: BertConfig):
-        super().__init__()
-        self.head_dim = cfg.hidden // cfg.heads
-        self.dropout = cfg.dropout
-        self.qkv = Linear(cfg.hidden, 3 * cfg.hidden)
-        self.proj = Linear(cfg.hidden, cfg.hidden)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = fused_qkv(self.qkv(x), self.head_dim)
-        p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
-        return dropout(self.proj(merge_heads(y)), self.dropout, self.training)
-
-
 class Block(nn.Module):
     """Post-LN block: ln(x + attn(x)), then ln(x + mlp(x))."""
 
     def __init__(self, cfg: BertConfig):
         super().__init__()
         self.dropout = cfg.dropout
-        self.attn = SelfAttention(cfg)
+        self.attn = FusedSelfAttention(cfg.hidden, cfg.heads, cfg.dropout)
         self.ln1 = LayerNorm(cfg.hidden, eps=cfg.eps)
         self.fc = Linear(cfg.hidden, cfg.ffn_dim)
         self.proj = Linear(cfg.ffn_dim, cfg.hidden)

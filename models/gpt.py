@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxplan.models.base import Preset, check, check_heads, check_positive, randint
-from fxplan.models.layers import Embedding, LayerNorm, Linear, dropout, fused_qkv, merge_heads, residual_std
+from fxplan.models.layers import FusedSelfAttention, Embedding, LayerNorm, Linear, dropout, residual_std
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,21 +39,6 @@ class GPTConfig:
         check(0.0 <= self.dropout < 1.0, f"gpt: dropout must be in [0, 1), got {self.dropout}")
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        self.head_dim = cfg.hidden // cfg.heads
-        self.dropout = cfg.dropout
-        self.qkv = Linear(cfg.hidden, 3 * cfg.hidden)
-        self.proj = Linear(cfg.hidden, cfg.hidden, std=residual_std(cfg.layers))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = fused_qkv(self.qkv(x), self.head_dim)
-        p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-        return dropout(self.proj(merge_heads(y)), self.dropout, self.training)
-
-
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -71,7 +56,8 @@ class Block(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.ln1 = LayerNorm(cfg.hidden, eps=cfg.eps)
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = FusedSelfAttention(cfg.hidden, cfg.heads, cfg.dropout, causal=True,
+                                       proj_std=residual_std(cfg.layers))
         self.ln2 = LayerNorm(cfg.hidden, eps=cfg.eps)
         self.mlp = MLP(cfg)
 

@@ -152,3 +152,25 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 def residual_std(layers: int) -> float:
     """GPT-2's scaled init for projections that write into the residual stream."""
     return INIT_STD / math.sqrt(2 * layers)
+
+
+class FusedSelfAttention(nn.Module):
+    """Multi-head self-attention with one fused qkv Linear (per-head [q, k, v] layout) and SDPA.
+
+    GPT uses it causal with the residual-scaled output init; BERT and ViT bidirectional.
+    """
+
+    def __init__(self, hidden: int, heads: int, dropout: float = 0.0, causal: bool = False,
+                 proj_std: float = INIT_STD):
+        super().__init__()
+        self.head_dim = hidden // heads
+        self.dropout = dropout
+        self.causal = causal
+        self.qkv = Linear(hidden, 3 * hidden)
+        self.proj = Linear(hidden, hidden, std=proj_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = fused_qkv(self.qkv(x), self.head_dim)
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=self.causal)
+        return dropout(self.proj(merge_heads(y)), self.dropout, self.training)
