@@ -60,6 +60,9 @@ def analyse(model, example_inputs, cluster: Cluster, constraints: Constraints, p
     start = time.perf_counter()
     traced = trace(model, example_inputs)
     layer_graph = coarsen(traced)
+    if constraints.pp is not None and constraints.pp > len(layer_graph.layers):
+        # A pinned pipeline deeper than the default layers: cut the graph finer (at cut points).
+        layer_graph = coarsen(traced, granularity=constraints.pp)
     say(f"traced ({traced.method}) and coarsened into {len(layer_graph.layers)} layers "
         f"in {time.perf_counter() - start:.2f} s")
     pps = pipeline_degrees(cluster, len(layer_graph.layers), constraints)
@@ -71,8 +74,27 @@ def analyse(model, example_inputs, cluster: Cluster, constraints: Constraints, p
     return Analysis(traced=traced, layer_graph=layer_graph, space=space, tp_degrees=tps)
 
 
-def candidates(cluster: Cluster, batch: int, num_layers: int, constraints: Constraints) -> list[tuple[int, int, str]]:
+def check_batch_coupling(lg, constraints: Constraints) -> None:
+    """Layers whose ops mix samples (training BatchNorm) only train as on one device when they see the
+    whole batch: refuse pins that would split it, naming the layer and the op."""
+    coupled = [layer for layer in lg.layers if layer.batch_coupled]
+    if not coupled:
+        return
+    bad = [f"dp={constraints.dp}" for _ in [0] if constraints.dp not in (None, 1)]
+    bad += [f"microbatches={constraints.microbatches}" for _ in [0] if constraints.microbatches not in (None, 1)]
+    if bad:
+        layer = coupled[0]
+        raise ConstraintError(
+            f"layer {layer.name} uses {layer.batch_coupled}, whose statistics come from the whole batch, so "
+            f"{' and '.join(bad)} would change training; pin dp=1 and microbatches=1 (tp/pp still apply), "
+            f"or use a per-sample norm (LayerNorm, GroupNorm) or eval-mode batch norm")
+
+
+def candidates(cluster: Cluster, batch: int, num_layers: int, constraints: Constraints,
+               batch_coupled: bool = False) -> list[tuple[int, int, str]]:
     """UniAP's outer loop: (pp, microbatches, schedule) triples worth solving."""
+    if batch_coupled:  # one microbatch only (see check_batch_coupling)
+        constraints = Constraints(**{**constraints.to_dict(), "microbatches": 1})
     out = []
     for pp in pipeline_degrees(cluster, num_layers, constraints):
         if constraints.microbatches is not None:
@@ -88,6 +110,12 @@ def candidates(cluster: Cluster, batch: int, num_layers: int, constraints: Const
             if batch % c:
                 continue
             for schedule in schedules:
+                if schedule == "1f1b" and 1 < pp and c < pp:
+                    # 1F1B needs a microbatch per stage in flight (torch's Schedule1F1B refuses fewer);
+                    # with fewer it degenerates into GPipe anyway.
+                    if constraints.schedule is None and "gpipe" not in schedules:
+                        out.append((pp, c, "gpipe"))
+                    continue
                 out.append((pp, c, schedule))
     if not out:
         raise ConstraintError(
@@ -106,7 +134,9 @@ def solve_plan(analysis: Analysis, cluster: Cluster, constraints: Constraints, p
     say = progress or (lambda msg: None)
     lg = analysis.layer_graph
     batch = lg.batch_size
-    cands = candidates(cluster, batch, len(lg.layers), constraints)
+    check_batch_coupling(lg, constraints)
+    cands = candidates(cluster, batch, len(lg.layers), constraints,
+                       batch_coupled=any(layer.batch_coupled for layer in lg.layers))
     model = CostModel(lg, analysis.space, cluster, batch, constraints)
     start = time.perf_counter()
     if planner == "grid":
@@ -210,10 +240,18 @@ def check_given_plan(plan: Plan, analysis: Analysis, cluster: Cluster) -> Plan:
     if sum(len(s.devices) for s in plan.stages) != cluster.world_size:
         raise PlanFileError(f"plan stages cover {sum(len(s.devices) for s in plan.stages)} devices, the cluster has "
                             f"{cluster.world_size}")
+    if plan.schedule == "1f1b" and plan.microbatches < plan.pp:
+        raise PlanFileError(f"1f1b needs at least one microbatch per stage: the plan has {plan.microbatches} "
+                            f"microbatches for pp={plan.pp}; use more microbatches or gpipe")
     if lg.batch_size % plan.microbatches:
         raise PlanFileError(f"global batch {lg.batch_size} does not divide into {plan.microbatches} microbatches")
     for u, layer in enumerate(lg.layers):
         strat = plan.strategy(layer.name)
+        if layer.batch_coupled and (strat.dp > 1 or plan.microbatches > 1):
+            raise PlanFileError(
+                f"layer {layer.name} uses {layer.batch_coupled}, whose statistics come from the whole batch; "
+                f"the plan gives it dp={strat.dp} with {plan.microbatches} microbatches, which would change "
+                f"training: use dp=1 for it and microbatches=1")
         if (lg.batch_size // plan.microbatches) % strat.dp:
             raise PlanFileError(f"layer {layer.name}: microbatch of {lg.batch_size // plan.microbatches} rows does not "
                                 f"split over dp={strat.dp}")

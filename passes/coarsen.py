@@ -331,6 +331,7 @@ def _build(traced: Traced, body, flops, ranges, names) -> LayerGraph:
             flops=float(sum(node_flops_map.get(n, 0.0) for n in nodes)), act_bytes=float(act),
             inputs=tuple(a.name for a in inputs), outputs=tuple(outputs),
             signature=_signature(nodes, inside),
+            batch_coupled=next((name for name in map(batch_coupling_op, nodes) if name), ""),
         ))
     edges = tuple(LayerEdge(src=s, dst=d, tensors=tuple(t)) for (s, d), t in sorted(edge_map.items()))
     shared = {t: tuple(sorted(ls)) for t, ls in users_of_target.items() if len(ls) > 1}
@@ -338,6 +339,26 @@ def _build(traced: Traced, body, flops, ranges, names) -> LayerGraph:
         layers=tuple(layers), edges=edges, tensors=traced.tensors, batch_size=traced.batch_size,
         placeholders=traced.placeholders, loss_node=traced.loss_node, shared_params=frozen_map(shared),
     )
+
+
+_BATCH_NORMS = {"batch_norm", "native_batch_norm", "_native_batch_norm_legit",
+                "_native_batch_norm_legit_functional", "cudnn_batch_norm", "miopen_batch_norm"}
+_TRAINING_ARG = 5  # position of `training` in F.batch_norm and the aten batch norms alike
+
+
+def batch_coupling_op(node: fx.Node) -> str:
+    """The op's name when it mixes samples across the batch (BatchNorm in training mode), else "".
+
+    Its statistics come from the whole batch, so splitting the batch over dp ranks or microbatches
+    would change the result; an eval-mode batch norm (training=False) is per-sample and fine.
+    """
+    if node.op not in ("call_function", "call_method"):
+        return ""
+    name = op_name(node)
+    if name not in _BATCH_NORMS:
+        return ""
+    training = node.kwargs.get("training", node.args[_TRAINING_ARG] if len(node.args) > _TRAINING_ARG else True)
+    return "" if training is False else name
 
 
 def _nbytes(traced: Traced, node: fx.Node) -> float:

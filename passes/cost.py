@@ -122,8 +122,10 @@ class CostModel:
                 raise ValueError(f"pp={pp} does not divide the {self.world} devices")
             if microbatches is None:
                 n_s = self.world // pp
-                value = tuple(layer_strategies(u, self.space, n_s, self.constraints)
-                              for u in range(len(self.graph.layers)))
+                # A layer that mixes samples (training BatchNorm) must see its whole batch: dp = 1.
+                value = tuple(tuple(s for s in layer_strategies(u, self.space, n_s, self.constraints)
+                                    if s.dp == 1 or not layer.batch_coupled)
+                              for u, layer in enumerate(self.graph.layers))
                 labels = tuple(tuple(str(s) for s in per_layer) for per_layer in value)
             else:
                 rows = self.batch_size // microbatches
@@ -148,6 +150,8 @@ class CostModel:
             return None
         if microbatches < 1 or self.batch_size % microbatches:
             return None
+        if microbatches > 1 and any(layer.batch_coupled for layer in self.graph.layers):
+            return None  # batch statistics over a microbatch differ from the whole batch's
         strategies = self.strategies(pp, microbatches)
         if any(not per_layer for per_layer in strategies):
             return None

@@ -97,6 +97,9 @@ class Layer:
     inputs: tuple[str, ...]  # tensors (node names) produced before this layer and used in it
     outputs: tuple[str, ...]  # tensors produced here and used by later layers or returned
     signature: str = ""  # equal for structurally identical layers (same ops, shapes); used to merge runs
+    batch_coupled: str = ""  # an op here mixes samples of the batch (training BatchNorm): its name, else ""
+    # Such a layer only equals one-device training when it sees the whole batch at once: dp = 1 and
+    # one microbatch.
 
 
 @dataclass(frozen=True, slots=True)

@@ -66,6 +66,14 @@ def trace(model: nn.Module, example_inputs, *, method: str = "auto",
     if method in ("auto", "fx"):
         try:
             gm = _fx_trace(model, inputs, leaf_modules)
+            if method == "auto" and any(n.op == "call_module" for n in gm.graph.nodes):
+                # Leaf modules (nn.MultiheadAttention, RNNs, ...) hide their parameters and ops from
+                # sharding and codegen; torch.export decomposes them into plain ops on get_attr
+                # parameters, so prefer it and keep the fx graph only if export cannot trace.
+                try:
+                    return _finish(_export_trace(model, inputs), "export", inputs)
+                except Exception:  # noqa: BLE001 - fall through to the fx graph with its leaves
+                    pass
             try:
                 return _finish(gm, "fx", inputs)
             except TraceError:
