@@ -13,6 +13,7 @@ from fxplan.errors import ConstraintError, InfeasiblePlanError, PlanFileError
 from fxplan.plan import Plan, SolverInfo, Stage, Strategy
 
 PLANNERS = ("miqp", "grid", "exhaustive")
+RUNNABLE_SCHEDULES = ("gpipe", "1f1b")  # what the cost model and the runtime both handle today
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,9 @@ def candidates(cluster: Cluster, batch: int, num_layers: int, constraints: Const
         else:
             counts = sorted({c for c in divisors(batch) if c >= pp and (c & (c - 1) == 0 or c % pp == 0)})
             counts = [c for c in counts if c <= max(4 * pp, 8)] or [c for c in divisors(batch) if c >= pp][:1]
+        if constraints.schedule not in (None,) + RUNNABLE_SCHEDULES:
+            raise ConstraintError(f"schedule {constraints.schedule!r} is not supported by this version yet; "
+                                  f"pin one of {', '.join(RUNNABLE_SCHEDULES)}")
         if pp == 1:
             schedules = [constraints.schedule or "1f1b"]
         else:
@@ -138,6 +142,9 @@ def solve_plan(analysis: Analysis, cluster: Cluster, constraints: Constraints, p
     cands = candidates(cluster, batch, len(lg.layers), constraints,
                        batch_coupled=any(layer.batch_coupled for layer in lg.layers))
     model = CostModel(lg, analysis.space, cluster, batch, constraints)
+    cands = [cand for cand in cands if model.problem(*cand) is not None]
+    if not cands:
+        raise ConstraintError(_why_no_candidate(cluster, batch, len(lg.layers), constraints))
     start = time.perf_counter()
     if planner == "grid":
         from fxplan.passes.grid import grid_search
@@ -187,6 +194,25 @@ def solve_plan(analysis: Analysis, cluster: Cluster, constraints: Constraints, p
                       [strategies[u][k] for u, k in enumerate(strategy_of)], ev, solver, model.assumptions())
 
 
+def _why_no_candidate(cluster: Cluster, batch: int, num_layers: int, constraints: Constraints) -> str:
+    """The pins or the batch leave no (pp, microbatches, strategy) at all: say which and what to do."""
+    n = cluster.world_size
+    stage_sizes = [n // pp for pp in pipeline_degrees(cluster, num_layers, constraints)]
+    dp, tp = constraints.dp, constraints.tp
+    if dp is not None and tp is not None and dp * tp not in stage_sizes:
+        return (f"dp*tp = {dp}*{tp} = {dp * tp} must equal the devices of a stage ({n}/pp: {sorted(set(stage_sizes))}); "
+                f"change dp, tp or pp")
+    if dp is not None and not any(size % dp == 0 for size in stage_sizes):
+        return f"dp={dp} does not divide the devices of any stage ({sorted(set(stage_sizes))}); pick a divisor"
+    if dp is not None and batch % dp:
+        return f"the global batch of {batch} does not split over dp={dp}; use a batch divisible by {dp}"
+    if constraints.microbatches is not None and batch % constraints.microbatches:
+        return (f"the global batch of {batch} does not split into {constraints.microbatches} microbatches; "
+                f"use a batch divisible by it")
+    return (f"no (pp, microbatches, strategy) fits a global batch of {batch} on {n} devices under {constraints}; "
+            f"use a batch divisible by microbatches x dp, or relax the pins")
+
+
 def _raise_infeasible(model, cands, cluster, res=None):
     need = getattr(res, "min_memory_needed", None) if res is not None else None
     have = cluster.memory_bytes
@@ -232,6 +258,13 @@ def check_given_plan(plan: Plan, analysis: Analysis, cluster: Cluster) -> Plan:
         raise PlanFileError(
             f"plan layers do not match the model's layers in order (missing {missing[:5]}, unknown {extra[:5]}); "
             f"the model's layers are {names[:6]}{'...' if len(names) > 6 else ''}")
+    params = int(sum(layer.param_numel for layer in lg.layers))
+    if plan.model.get("params") not in (None, params):
+        raise PlanFileError(f"plan was made for a model with {plan.model['params']:,} parameters; this model has "
+                            f"{params:,}: re-plan it (layer names alone match)")
+    if plan.schedule not in RUNNABLE_SCHEDULES:
+        raise PlanFileError(f"plan schedule {plan.schedule!r} is not supported by this version yet; use one of "
+                            f"{', '.join(RUNNABLE_SCHEDULES)}")
     if plan.world_size not in (0, cluster.world_size):
         raise PlanFileError(f"plan is for {plan.world_size} devices but the cluster has {cluster.world_size}")
     if plan.batch_size not in (0, lg.batch_size):

@@ -41,10 +41,14 @@ def test_batch_norm_layers_keep_the_whole_batch():
     with pytest.raises(fxplan.ConstraintError, match="batch_norm.*dp=4"):
         fxplan.compile(model, batch, cluster=CLUSTER, verbose=False, constraints=fxplan.Constraints(dp=4, pp=1))
     # a hand-edited plan that splits the batch norm's batch is refused too
-    free = fxplan.compile(BUILDERS["cnn_nobn"]()[0], batch, cluster=CLUSTER, verbose=False,
-                          constraints=fxplan.Constraints(dp=4, pp=1)).plan
+    data = compiled.plan.to_dict()
+    for stage in data["stages"]:
+        stage["strategies"] = {name: dict(dp=4, tp=1) for name in stage["strategies"]}
+    data["pp"], data["stages"] = 1, [{**data["stages"][0], "devices": [0, 1, 2, 3],
+                                      "layers": list(compiled.plan.layers),
+                                      "strategies": {n: dict(dp=4, tp=1) for n in compiled.plan.layers}}]
     with pytest.raises(fxplan.PlanFileError, match="batch_norm"):
-        fxplan.compile(model, batch, cluster=CLUSTER, verbose=False, plan=free)
+        fxplan.compile(model, batch, cluster=CLUSTER, verbose=False, plan=fxplan.Plan.from_dict(data))
     # eval-mode batch norm is per-sample: no restriction
     model.eval()
     assert not any(layer.batch_coupled for layer in fxplan.compile(
