@@ -201,6 +201,25 @@ class Runner:
         return self._reduce_loss(local)
 
     def _check_batch(self, batch) -> None:
+        # Every rank's graph was emitted with static local shapes for the example batch (views,
+        # factories, p2p buffers): a batch of another shape cannot run, so say so before any rank
+        # starts (all ranks get the same batch, so all raise together and none hangs).
+        graph = self.layer_graph
+        expected = [graph.tensors.get(name) for name in graph.placeholders]
+        if len(batch) != len(expected):
+            raise ConstraintError(f"train_step takes {len(expected)} inputs, like the example batch given to "
+                                  f"compile(), but got {len(batch)}")
+        for i, (value, meta) in enumerate(zip(batch, expected)):
+            if meta is None:
+                continue
+            if not isinstance(value, torch.Tensor):
+                raise ConstraintError(f"train_step input {i} is a {type(value).__name__}; pass tensors like the "
+                                      f"example batch")
+            if tuple(value.shape) != tuple(meta.shape) or str(value.dtype) != meta.dtype:
+                raise ConstraintError(
+                    f"train_step input {i} has shape {tuple(value.shape)} and {value.dtype}; the plan was compiled "
+                    f"for {tuple(meta.shape)} and {meta.dtype} (the example batch). The per-rank graphs have static "
+                    f"shapes: pass batches shaped like the example inputs, or compile with the shape you train with")
         sizes = {b.shape[0] for i, b in enumerate(batch) if isinstance(b, torch.Tensor) and self._batched(i)}
         if len(sizes) != 1:
             raise ConstraintError(f"train_step inputs disagree on the batch size (dim 0): {sorted(sizes)}")

@@ -46,7 +46,7 @@ def main() -> None:
 
     check("world", lambda: compile_for(2, pp=2, microbatches=2).distribute())
     good = compile_for(world, pp=4, microbatches=4, schedule="1f1b")
-    odd = good.plan if rank != 3 else dataclasses.replace(good.plan, microbatches=2)
+    odd = good.plan if rank != 3 else dataclasses.replace(good.plan, microbatches=8)
     check("same-plan", lambda: fxplan.compile(model, batch, cluster=fxplan.Cluster.local(world_size=world),
                                               plan=odd, verbose=False).distribute())
 
