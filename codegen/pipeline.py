@@ -56,8 +56,19 @@ def probe_shapes(gm: Callable, stage: int, num_stages: int, lane: Sequence[int],
         # An input needs grad exactly when the sender's output has one: a float tensor passed through
         # untouched (e.g. regression targets) has none, and a gradient sent for it would never be received.
         inputs = tuple(s.example(device) for s in box[0])
+    # The probe is a real forward: undo its side effects (buffer updates such as BatchNorm's running
+    # statistics, random numbers drawn by dropout) so the first real step matches one device.
+    saved_buffers = [(b, b.detach().clone()) for b in gm.buffers()] if isinstance(gm, torch.nn.Module) else []
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     with torch.enable_grad():
         outputs = _as_tuple(gm(*inputs))
+    with torch.no_grad():
+        for buffer, value in saved_buffers:
+            buffer.copy_(value)
+    torch.set_rng_state(rng)
+    if cuda_rng is not None:
+        torch.cuda.set_rng_state_all(cuda_rng)
     in_specs = [TensorSpec.of(t) for t in inputs]
     out_specs = [TensorSpec.of(t) for t in outputs]
     if stage < num_stages - 1:

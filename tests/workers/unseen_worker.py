@@ -45,9 +45,12 @@ def main():
         state = reference.state_dict()
         params = dict(reference.named_parameters())
         diff = max(float((full[k] - params[k].detach()).abs().max()) for k in params)
+        # buffers too (BatchNorm running statistics, counters): training must update them as on one device
+        buffer_diff = max([float((full[k].double() - state[k].double()).abs().max())
+                           for k in state if k not in params] or [0.0])
         if dist.get_rank() == 0:
             print("RESULT " + json.dumps(dict(
-                model=name, pins=pins, losses=losses, reference=ref_losses, param_diff=diff,
+                model=name, pins=pins, losses=losses, reference=ref_losses, param_diff=diff, buffer_diff=buffer_diff,
                 keys_equal=sorted(full) == sorted(state), method=compiled.traced.method,
                 dp=[s.dp for st in compiled.plan.stages for s in st.strategies.values()],
                 microbatches=compiled.plan.microbatches, pp=compiled.plan.pp)), flush=True)
