@@ -33,7 +33,7 @@ from torch import nn
 
 from fxplan.codegen import collectives as C
 from fxplan.codegen.groups import group_key
-from fxplan.codegen.params import ParamShard, fsdp_block, shard_tensor, tp_local_shape
+from fxplan.codegen.params import ParamShard, fetch_attr, fsdp_block, shard_tensor, tp_local_shape
 from fxplan.codegen.recompute import LAYER_META, recompute_pass
 from fxplan.codegen.shapes import (is_size_query, is_split, local_shape, rewrite_shape_args,
                                    rewrite_split_args, split_dim)
@@ -115,13 +115,6 @@ def requires_grad_map(traced) -> dict[str, bool]:
     return out
 
 
-def _fetch(gm: nn.Module, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def emit_rank(traced, layer_graph, space, plan, rank: int, params=None) -> RankProgram:
     """The program of global rank `rank` under `plan`.
 
@@ -155,6 +148,7 @@ class _Emitter:
             for node in layer.nodes:
                 self.home_layer[node] = (layer, strat)
         self.rg = requires_grad_map(traced)
+        self.param_names = {name for name, _ in traced.gm.named_parameters()}  # once, not per get_attr
         self.meta = traced.tensors
         self.graph = fx.Graph()
         self.internal: dict[str, fx.Node] = {}  # node value at its own placement in its own layer
@@ -321,8 +315,8 @@ class _Emitter:
         if isinstance(src, Mapping) and target in src:
             full = src[target]
         if full is None:
-            full = _fetch(self.traced.gm, target)
-        is_param = isinstance(full, nn.Parameter) or target in dict(self.traced.gm.named_parameters())
+            full = fetch_attr(self.traced.gm, target)
+        is_param = isinstance(full, nn.Parameter) or target in self.param_names
         requires_grad = bool(self.rg.get(node.name, False)) or (is_param and full.requires_grad and
                                                                full.is_floating_point())
         pl = ctx.placement(node.name)

@@ -105,3 +105,11 @@ def _numel(shape) -> int:
     for s in shape:
         n *= s
     return n
+
+
+def fetch_attr(root, target: str):
+    """The attribute at dotted path `target` under `root` (a get_attr target, e.g. 'blocks.0.fc.weight')."""
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj

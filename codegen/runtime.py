@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fxplan.codegen import materialize
+from fxplan.codegen.params import fetch_attr
 from fxplan.errors import ConstraintError, DistributedSetupError
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -162,7 +163,7 @@ class Runner:
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """(state_dict key, local shard) of every trainable parameter this rank holds."""
         for attr, shard in self.program.params.items():
-            tensor = _get_attr(self.gm, attr)
+            tensor = fetch_attr(self.gm, attr)
             if isinstance(tensor, nn.Parameter) and tensor.requires_grad:
                 yield shard.name, tensor
 
@@ -279,7 +280,7 @@ class Runner:
         """SUM each parameter's dp-partial gradient over its dp group (bucketed, one flat buffer each)."""
         buckets: dict[tuple, list[nn.Parameter]] = {}
         for attr, shard in self.program.params.items():
-            p = _get_attr(self.gm, attr)
+            p = fetch_attr(self.gm, attr)
             key = getattr(shard, "dp_group", None)
             if shard.fsdp or not key or not isinstance(p, nn.Parameter) or not p.requires_grad:
                 continue
@@ -344,7 +345,7 @@ class Runner:
             group = self.codegen.groups.get(key)
             fulls = []
             for attr, replicas in members:
-                p, shard = _get_attr(self.gm, attr), self.program.params[attr]
+                p, shard = fetch_attr(self.gm, attr), self.program.params[attr]
                 grad = p.grad if p.grad is not None else torch.zeros_like(p)
                 fulls.append(_scatter_full(grad, shard) / replicas)
             flat = torch.cat([f.reshape(-1) for f in fulls])
@@ -353,7 +354,7 @@ class Runner:
             offset = 0
             for (attr, _), full in zip(members, fulls):
                 n = full.numel()
-                p, shard = _get_attr(self.gm, attr), self.program.params[attr]
+                p, shard = fetch_attr(self.gm, attr), self.program.params[attr]
                 local = materialize.local_shard(flat[offset:offset + n].view_as(full), shard)
                 p.grad = local.view_as(p).to(p.dtype)
                 offset += n
@@ -391,7 +392,7 @@ class Runner:
                 continue
             mine.append(dict(name=_key(own, s.name), piece=_piece(s), global_shape=tuple(s.global_shape),
                              tp_dim=s.tp_dim, tp=s.tp, fsdp=bool(s.fsdp), dp=s.dp, attr=attr,
-                             dtype=str(_get_attr(self.gm, attr).dtype)))
+                             dtype=str(fetch_attr(self.gm, attr).dtype)))
         everyone: list = [None] * self.world_size
         dist.all_gather_object(everyone, mine)
         owner: dict[tuple, tuple[int, dict]] = {}
@@ -411,7 +412,7 @@ class Runner:
             for (r, d), shape in zip(descr, shapes):
                 n = _numel(shape)
                 if r == self.rank:
-                    flat[offset:offset + n] = pick(_get_attr(self.gm, d["attr"])).reshape(-1).to(dtype)
+                    flat[offset:offset + n] = pick(fetch_attr(self.gm, d["attr"])).reshape(-1).to(dtype)
                 offset += n
             dist.all_reduce(flat)  # exactly one rank wrote each piece: the sum is a copy
             split, offset = {}, 0
@@ -511,16 +512,9 @@ def _chunks(params, limit):
         yield chunk
 
 
-def _get_attr(root: nn.Module, target: str):
-    obj = root
-    for atom in target.split("."):
-        obj = getattr(obj, atom)
-    return obj
-
-
 def _is_param(root: nn.Module, target: str) -> bool:
     try:
-        return isinstance(_get_attr(root, target), nn.Parameter)
+        return isinstance(fetch_attr(root, target), nn.Parameter)
     except AttributeError:
         return False
 

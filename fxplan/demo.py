@@ -8,6 +8,7 @@ model trained on one device.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -31,6 +32,31 @@ def demo_model_and_batch():
     batches = [example_batch(model, DEMO_BATCH) for _ in range(8)]
     torch.random.set_rng_state(generator_state)
     return model, batches
+
+
+def train_beside_one_device(runner, reference, batches, lr: float, around_step=contextlib.nullcontext):
+    """One SGD step per batch on `runner` (fxplan) and on `reference` (the same model on one device).
+
+    Returns (fxplan losses, single-device losses). `around_step()` is entered around each
+    `train_step` (e.g. a counter of what the step does).
+    """
+    import torch
+
+    opt = torch.optim.SGD(runner.parameters(), lr=lr)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=lr)
+    losses, ref_losses = [], []
+    for batch in batches:
+        opt.zero_grad()
+        with around_step():
+            loss = runner.train_step(*batch)
+        opt.step()
+        losses.append(float(loss))
+        ref_opt.zero_grad()
+        ref_loss = reference(*batch)
+        ref_loss.backward()
+        ref_opt.step()
+        ref_losses.append(float(ref_loss.detach()))
+    return losses, ref_losses
 
 
 def run_demo(nproc: int = 4, steps: int = 3) -> int:

@@ -11,7 +11,7 @@ import torch
 
 def main() -> None:
     import fxplan
-    from fxplan.demo import demo_model_and_batch
+    from fxplan.demo import demo_model_and_batch, train_beside_one_device
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--plan", required=True)
@@ -27,20 +27,8 @@ def main() -> None:
     compiled = fxplan.compile(model, batches[0], cluster=fxplan.Cluster.local(world_size=world), plan=plan,
                               verbose=False)
     runner = compiled.distribute()
-    opt = torch.optim.SGD(runner.parameters(), lr=0.1)
-    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
-    losses, ref_losses = [], []
-    for step in range(args.steps):
-        batch = batches[step % len(batches)]
-        opt.zero_grad()
-        loss = runner.train_step(*batch)
-        opt.step()
-        losses.append(float(loss))
-        ref_opt.zero_grad()
-        ref_loss = reference(*batch)
-        ref_loss.backward()
-        ref_opt.step()
-        ref_losses.append(float(ref_loss.detach()))
+    steps = [batches[step % len(batches)] for step in range(args.steps)]
+    losses, ref_losses = train_beside_one_device(runner, reference, steps, lr=0.1)
     full = runner.full_state_dict()
     ref_state = reference.state_dict()
     diff = max(float((full[k].float() - ref_state[k].float()).abs().max()) for k in ref_state)

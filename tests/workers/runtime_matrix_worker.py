@@ -30,6 +30,7 @@ from torch.overrides import TorchFunctionMode
 
 import fxplan
 from fxplan.codegen import collectives
+from fxplan.demo import train_beside_one_device
 from fxplan.plan import Plan, Stage, Strategy
 
 BATCH, STEPS, LR = 16, 3, 0.05
@@ -258,22 +259,9 @@ def run_plan(model_name: str, plan_name: str) -> dict:
     compiled = make_plan(plan_name, model, data[0])
     plan = compiled.plan
     runner = compiled.distribute()
-    opt = torch.optim.SGD(runner.parameters(), lr=LR)
-    ref_opt = torch.optim.SGD(reference.parameters(), lr=LR)
-    losses, ref_losses = [], []
     collectives.reset_counts()
     counter = RowCounter()
-    for batch in data:
-        opt.zero_grad()
-        with counter:
-            loss = runner.train_step(*batch)
-        opt.step()
-        losses.append(float(loss))
-        ref_opt.zero_grad()
-        ref_loss = reference(*batch)
-        ref_loss.backward()
-        ref_opt.step()
-        ref_losses.append(float(ref_loss.detach()))
+    losses, ref_losses = train_beside_one_device(runner, reference, data, lr=LR, around_step=lambda: counter)
     counts = [[k[0], k[1], k[2], c.calls, c.nbytes] for k, c in sorted(collectives.counts().items())]
     full, ref_state = runner.full_state_dict(), reference.state_dict()
     diffs = {k: float((full[k].float() - ref_state[k].float()).abs().max()) for k in ref_state if k in full}

@@ -11,6 +11,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fxplan  # noqa: E402
+from fxplan.demo import train_beside_one_device  # noqa: E402
 from unseen_models import BUILDERS  # noqa: E402
 
 CASES = [("mha", dict(dp=4, pp=1)), ("mha", dict(pp=2, microbatches=2, schedule="1f1b")),
@@ -29,18 +30,7 @@ def main():
         compiled = fxplan.compile(model, batch, cluster=cluster, verbose=False,
                                   constraints=fxplan.Constraints(**pins) if pins else None)
         runner = compiled.distribute()
-        opt = torch.optim.SGD(runner.parameters(), lr=0.1)
-        ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
-        losses, ref_losses = [], []
-        for _ in range(2):
-            opt.zero_grad()
-            losses.append(float(runner.train_step(*batch)))
-            opt.step()
-            ref_opt.zero_grad()
-            ref = reference(*batch)
-            ref.backward()
-            ref_opt.step()
-            ref_losses.append(float(ref.detach()))
+        losses, ref_losses = train_beside_one_device(runner, reference, [batch, batch], lr=0.1)
         full = runner.full_state_dict()
         state = reference.state_dict()
         params = dict(reference.named_parameters())
