@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     if not pairs or set(pairs) - {"dp", "pp", "fsdp"}:
         parser.error(f"--pairs takes a subset of dp,pp,fsdp, got {args.pairs!r}")
 
-    from fxplan.codegen.launch import run_torchrun
+    from fxplan.runtime.launch import run_torchrun
 
     print(f"== fxplan runtime bench: {args.model}, global batch {args.batch}, {WORLD} gloo ranks x 1 thread, "
           f"{args.warmup} warm-up + {args.steps} timed steps per contender, interleaved")

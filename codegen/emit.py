@@ -3,7 +3,7 @@
     prog = emit_rank(traced, layer_graph, space, plan, rank)
     print(prog.gm.code)        # fxplan_tp_all_reduce(x, 'tp:0,1') ... visible as calls
 
-What a rank computes (shared semantics, fxplan.passes.redistribute is the source of truth for which
+What a rank computes (shared semantics, fxplan.passes.sharding.redistribute is the source of truth for which
 collective each placement change needs):
 - a layer with strategy (dp, tp) sees the stage's n devices as a (dp, tp) mesh, tp innermost;
 - inside a layer a tensor has the placement its TPSpec gives; a consumer wanting another one gets
@@ -31,8 +31,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxplan.codegen import collectives as C
-from fxplan.codegen.groups import group_key
+from fxplan.runtime import collectives as C
+from fxplan.runtime.groups import group_key
 from fxplan.codegen.params import ParamShard, fetch_attr, fsdp_block, shard_tensor, tp_local_shape
 from fxplan.codegen.recompute import LAYER_META, recompute_pass
 from fxplan.codegen.shapes import (is_size_query, is_split, local_shape, rewrite_shape_args,
@@ -40,7 +40,7 @@ from fxplan.codegen.shapes import (is_size_query, is_split, local_shape, rewrite
 from fxplan.codegen.split import split_stages
 from fxplan.errors import PlanFileError
 from fxplan.passes.ir import R, Partial, Replicate, Shard, TPSpec, frozen_map
-from fxplan.passes.redistribute import Layout, layout_steps, tensor_steps, transition
+from fxplan.passes.sharding.redistribute import Layout, layout_steps, tensor_steps, transition
 
 
 @dataclass(frozen=True)

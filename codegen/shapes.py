@@ -16,6 +16,7 @@ import torch.fx as fx
 
 from fxplan.errors import UnsupportedOpError
 from fxplan.passes.ir import Shard
+from fxplan._torch import OpOverload, OpOverloadPacket, is_aten_op
 
 _FACTORIES = {"zeros", "ones", "empty", "full", "rand", "randn", "arange"}
 _SPLITS = {"split", "split_with_sizes"}
@@ -45,9 +46,9 @@ def op_name(node: fx.Node) -> str:
         return str(t)
     if node.op != "call_function":
         return ""
-    if isinstance(t, torch._ops.OpOverload):
+    if isinstance(t, OpOverload):
         return t._schema.name.split("::")[-1]
-    if isinstance(t, torch._ops.OpOverloadPacket):
+    if isinstance(t, OpOverloadPacket):
         return t._qualified_op_name.split("::")[-1]
     return getattr(t, "__name__", "")
 
@@ -57,7 +58,7 @@ def rewrite_shape_args(node: fx.Node, shape: tuple[int, ...], global_shape: tupl
     name = op_name(node)
     args, kwargs = list(node.args), dict(node.kwargs)
     shape = tuple(int(s) for s in shape)
-    is_aten = isinstance(node.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket))
+    is_aten = is_aten_op(node.target)
     if name in ("view", "reshape", "_unsafe_view", "expand"):
         if node.op == "call_method":  # x.view(*sizes) or x.view(sizes)
             return (args[0], shape), kwargs

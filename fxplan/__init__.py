@@ -3,21 +3,41 @@
 See README.md and API.md. The public names are re-exported here.
 """
 
+import importlib.util as _util
 import os as _os
+import sys as _sys
+
+# The folders installed as fxplan's subpackages (pyproject.toml's package-dir).
+_MAPPED = {"fxplan.passes": "passes", "fxplan.codegen": "codegen", "fxplan.models": "models"}
+
+
+class _CheckoutFinder:
+    """In a plain checkout (nothing installed) fxplan.passes/.codegen/.models live in the repository's
+    top-level folders. This finder maps exactly those three names there, so the checkout imports the
+    same files as a wheel or an editable install, and nothing else of the repository root (bench/, a
+    second fxplan/) becomes part of the package. Installed, another finder answers first."""
+
+    def __init__(self, root: str):
+        self.root = root
+
+    def find_spec(self, name, path=None, target=None):
+        folder = _MAPPED.get(name)
+        if folder is None:
+            return None
+        location = _os.path.join(self.root, folder)
+        init = _os.path.join(location, "__init__.py")
+        if not _os.path.isfile(init):
+            return None
+        return _util.spec_from_file_location(name, init, submodule_search_locations=[location])
 
 
 def _checkout_path() -> None:
-    # In a plain checkout (no install) the subpackages fxplan.passes / .codegen / .models live in the
-    # repository's top-level folders passes/, codegen/, models/. Installed (wheel or editable),
-    # setuptools' package-dir maps them; here we add the repository root to this package's search
-    # path so the same import names resolve to the same files.
     here = _os.path.dirname(_os.path.abspath(__file__))
     root = _os.path.dirname(here)
-    if not _os.path.isdir(_os.path.join(here, "passes")) and _os.path.isfile(
-        _os.path.join(root, "passes", "__init__.py")
-    ):
-        if root not in __path__:
-            __path__.append(root)
+    if _os.path.isdir(_os.path.join(here, "passes")) or not _os.path.isfile(_os.path.join(root, "passes", "__init__.py")):
+        return  # a wheel, or fxplan/ copied without its sibling folders
+    if not any(isinstance(f, _CheckoutFinder) for f in _sys.meta_path):
+        _sys.meta_path.append(_CheckoutFinder(root))
 
 
 _checkout_path()

@@ -57,7 +57,7 @@ class Compiled:
 
     def distribute(self, init_fn=None):
         """Join the torchrun process groups and return the Runner for this rank."""
-        from fxplan.codegen.runtime import Runner
+        from fxplan.runtime.runner import Runner
 
         return Runner(self, init_fn=init_fn)
 
@@ -135,7 +135,7 @@ def _agree_on_plan(analysis, cluster, constraints, planner, time_limit_s, progre
     import torch
     import torch.distributed as dist
 
-    from fxplan.codegen.runtime import init_default_group
+    from fxplan.runtime.runner import init_default_group
 
     init_default_group()
     payload: list = [None]

@@ -122,7 +122,7 @@ class Cluster:
 
         Throughput and bandwidth are measured once and cached in ~/.cache/fxplan/local.json.
         """
-        from fxplan.local_probe import measure_local
+        from fxplan.runtime.probe import measure_local
 
         if not isinstance(world_size, int) or world_size < 1:
             raise ClusterError(f"Cluster.local(world_size=) must be a positive integer, got {world_size!r}")

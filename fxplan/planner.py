@@ -54,7 +54,7 @@ def tensor_degrees(cluster: Cluster, pps: list[int], constraints: Constraints) -
 
 def analyse(model, example_inputs, cluster: Cluster, constraints: Constraints, progress=None) -> Analysis:
     from fxplan.passes.coarsen import coarsen
-    from fxplan.passes.shard_prop import build_strategy_space
+    from fxplan.passes.sharding.shard_prop import build_strategy_space
     from fxplan.passes.trace import trace
 
     say = progress or (lambda msg: None)
@@ -130,8 +130,8 @@ def candidates(cluster: Cluster, batch: int, num_layers: int, constraints: Const
 
 def solve_plan(analysis: Analysis, cluster: Cluster, constraints: Constraints, planner: str,
                time_limit_s: float, progress=None, mip_gap: float | None = None) -> Plan:
-    from fxplan.passes.cost import CostModel
-    from fxplan.passes.problem import evaluate
+    from fxplan.passes.cost.model import CostModel
+    from fxplan.passes.solve.problem import evaluate
 
     if planner not in PLANNERS:
         raise ConstraintError(f"unknown planner {planner!r}; use one of {', '.join(PLANNERS)}")
@@ -147,7 +147,7 @@ def solve_plan(analysis: Analysis, cluster: Cluster, constraints: Constraints, p
         raise ConstraintError(_why_no_candidate(cluster, batch, len(lg.layers), constraints))
     start = time.perf_counter()
     if planner == "grid":
-        from fxplan.passes.grid import grid_search
+        from fxplan.passes.solve.grid import grid_search
 
         result = grid_search(model, cands)
         if result is None:
@@ -158,7 +158,7 @@ def solve_plan(analysis: Analysis, cluster: Cluster, constraints: Constraints, p
         solver = SolverInfo(status="optimal", objective=result.evaluation.iteration_s, gap=0.0,
                             seconds=time.perf_counter() - start, planner="grid", candidates=result.tried)
     else:
-        from fxplan.passes.search import search
+        from fxplan.passes.solve.search import search
 
         # Small chains are solved to optimality (they cost milliseconds); big ones stop at a 0.5 % gap,
         # inside the 1 % the plan promises, which is what keeps a 64-device search in seconds.
@@ -174,7 +174,7 @@ def solve_plan(analysis: Analysis, cluster: Cluster, constraints: Constraints, p
             # The grid's plans lie inside the MIQP's space and cost ~0.1 s to score: use the best one
             # as an incumbent, so a MILP stopped at its gap or time limit never returns a plan slower
             # than the Megatron-style baseline. The proven floor is unchanged, so the gap only shrinks.
-            from fxplan.passes.grid import grid_search
+            from fxplan.passes.solve.grid import grid_search
 
             grid = grid_search(model, cands)
             if grid is not None and grid.evaluation.iteration_s < objective * (1 - 1e-12):
@@ -247,8 +247,8 @@ def model_signature(lg) -> dict:
 
 def check_given_plan(plan: Plan, analysis: Analysis, cluster: Cluster) -> Plan:
     """Validate a user-given plan against the model and cluster and re-estimate it with the cost model."""
-    from fxplan.passes.cost import CostModel
-    from fxplan.passes.problem import evaluate
+    from fxplan.passes.cost.model import CostModel
+    from fxplan.passes.solve.problem import evaluate
 
     lg = analysis.layer_graph
     names = [layer.name for layer in lg.layers]

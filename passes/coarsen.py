@@ -20,7 +20,7 @@ from collections import defaultdict
 import torch
 import torch.fx as fx
 
-from fxplan.passes.flops import ATTENTION, CONV, MATMUL, node_flops, node_saved, op_name
+from fxplan.passes.cost.flops import ATTENTION, CONV, MATMUL, node_flops, node_saved, op_name
 from fxplan.passes.ir import Layer, LayerEdge, LayerGraph, frozen_map
 from fxplan.passes.trace import Traced
 

@@ -27,6 +27,7 @@ from torch import nn
 
 from fxplan.errors import ModelError, TraceError
 from fxplan.passes.ir import TensorMeta, frozen_map
+from fxplan._torch import OpOverload, clear_forward_pre_hooks, use_plain_codegen
 
 # Modules whose forward branches on tensor properties (MultiheadAttention's shape checks, RNNs'
 # flatten_parameters, the fused Transformer fast path): they stay call_module nodes.
@@ -264,7 +265,7 @@ def _clean_export(gm: fx.GraphModule) -> None:
             graph.erase_node(node)
             if hasattr(gm, node.target):
                 delattr(gm, node.target)
-        elif node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+        elif node.op == "call_function" and isinstance(node.target, OpOverload):
             if node.target.overloadpacket.__name__.startswith(_ASSERT_PREFIXES) and not node.users:
                 graph.erase_node(node)
             elif node.target is torch.ops.aten.view.default:
@@ -272,15 +273,14 @@ def _clean_export(gm: fx.GraphModule) -> None:
                 # (e.g. after CPU SDPA); reshape is the same view where strides allow and a copy
                 # where another device's kernel lays memory out differently.
                 node.target = torch.ops.aten.reshape.default
-    graph._codegen = fx.graph.CodeGen()
+    use_plain_codegen(graph)
     out = next(n for n in reversed(graph.nodes) if n.op == "output")
     flat = out.args[0]
     if isinstance(flat, (list, tuple)) and len(flat) == 1:
         out.args = (flat[0],)
     # ep.module() checks calls against the exported pytree spec in a forward pre-hook; the plain
     # calling convention above replaces that spec (codegen also calls it on microbatches).
-    gm._forward_pre_hooks.clear()
-    gm._forward_pre_hooks_with_kwargs.clear()
+    clear_forward_pre_hooks(gm)
     gm.recompile()
 
 

@@ -1,0 +1,98 @@
+"""Every private torch API fxplan relies on, and nothing else: on a torch upgrade, check this file.
+
+Each name says what fxplan needs; its body is the private call that provides it today (torch 2.11 to
+2.13). Production code reaches torch internals only through here (tests/unit/test_architecture.py
+walks every file's syntax tree to keep it so).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+# ---------------------------------------------------------------- op identity (graph analyses)
+# An aten op in an exported graph is an OpOverload (aten.add.Tensor) or its packet (aten.add).
+OpOverload = torch._ops.OpOverload
+OpOverloadPacket = torch._ops.OpOverloadPacket
+
+
+def is_aten_op(target) -> bool:
+    return isinstance(target, (OpOverload, OpOverloadPacket))
+
+
+# ---------------------------------------------------------------- graphs from torch.export
+
+
+def use_plain_codegen(graph: fx.Graph) -> None:
+    """Drop export's pytree calling convention: the graph's forward takes and returns plain values."""
+    graph._codegen = fx.graph.CodeGen()
+
+
+def clear_forward_pre_hooks(module: nn.Module) -> None:
+    """Remove every forward pre-hook (export's module checks calls against its pytree spec)."""
+    module._forward_pre_hooks.clear()
+    module._forward_pre_hooks_with_kwargs.clear()
+
+
+# ---------------------------------------------------------------- a module's own tensors
+
+
+def own_parameters(module: nn.Module) -> dict:
+    """The module's directly registered parameters, None entries included (not its children's)."""
+    return module._parameters
+
+
+def own_buffers(module: nn.Module) -> dict:
+    """The module's directly registered buffers, None entries included (not its children's)."""
+    return module._buffers
+
+
+def own_submodules(module: nn.Module) -> dict:
+    return module._modules
+
+
+def shallow_copy_module(module: nn.Module) -> nn.Module:
+    """A copy of `module` that shares its children but has its own parameter/buffer tables, so
+    tensors can be replaced on the copy without touching the original."""
+    clone = module.__new__(type(module))
+    clone.__dict__ = dict(module.__dict__)
+    clone._parameters = dict(module._parameters)
+    clone._buffers = dict(module._buffers)
+    clone._modules = dict(module._modules)
+    return clone
+
+
+def forget_tensor(module: nn.Module, name: str) -> None:
+    """Unregister parameter or buffer `name` of `module` (so it can be registered again as either)."""
+    module._parameters.pop(name, None)
+    module._buffers.pop(name, None)
+
+
+# ---------------------------------------------------------------- the autograd engine
+
+
+def will_engine_execute(grad_fn) -> bool:
+    """Inside a backward pass: whether the engine will run `grad_fn` (False under autograd.grad for
+    nodes it does not need). Raises RuntimeError outside a backward pass."""
+    return torch._C._will_engine_execute_node(grad_fn)
+
+
+def queue_end_of_backward(callback) -> None:
+    """Run `callback` once the current backward pass has finished (raises outside a backward)."""
+    torch.autograd.Variable._execution_engine.queue_callback(callback)
+
+
+def has_grad_hooks(tensor: torch.Tensor) -> bool:
+    """Whether hooks on the leaf expect the engine to deliver its gradient itself."""
+    return bool(getattr(tensor, "_backward_hooks", None) or getattr(tensor, "_post_accumulate_grad_hooks", None))
+
+
+# ---------------------------------------------------------------- torch.distributed.pipelining
+
+
+def replicated_chunk_spec():
+    """The chunk spec that hands every microbatch the whole argument (not split along dim 0)."""
+    from torch.distributed.pipelining.microbatch import _Replicate
+
+    return _Replicate()

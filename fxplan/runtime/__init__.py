@@ -1,0 +1,1 @@
+"""fxplan.runtime"""

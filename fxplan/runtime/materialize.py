@@ -1,0 +1,197 @@
+"""Give a rank its parameter shards: slice them from a real model, or create them for a meta model.
+
+A META model is never materialised whole. Each module that owns a parameter this rank needs is
+materialised alone on CPU, seeded by its qualified name (so every rank computes identical full
+values before slicing, whatever its plan), initialised with `reset_parameters()` or the user's
+`init_fn(module)`, sliced, and freed: peak memory is about one module.
+
+`full_model(model, init_fn)` builds the same values for the whole model on one device; tests and
+single-device references use it to compare against a distributed run of a meta model.
+
+Shard layout (the contract with codegen/emit's ParamShard):
+- tp: the full tensor is cut into `tp` equal pieces along `tp_dim`; piece `tp_index` is local.
+- fsdp: the tp-local tensor is flattened, zero-padded to a multiple of `dp`, and cut into `dp`
+  equal flat chunks; chunk `dp_index` is local (`numel_local` elements). Without fsdp the tp-local
+  tensor is replicated over dp.
+"""
+
+from __future__ import annotations
+
+import copy
+import zlib
+from typing import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from fxplan.errors import ModelError
+from fxplan._torch import own_buffers, own_parameters, shallow_copy_module
+
+BASE_SEED = 20240917  # any fixed number: the same on every rank and in full_model()
+
+
+def module_seed(module_name: str) -> int:
+    """Deterministic across processes (Python's hash() is salted per process)."""
+    return (BASE_SEED + zlib.crc32(module_name.encode())) % (2**63 - 1)
+
+
+def is_meta_model(model: nn.Module) -> bool:
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        return tensor.is_meta
+    return False
+
+
+# ---------------------------------------------------------------- slicing one tensor
+
+
+def tp_local(full: torch.Tensor, shard) -> torch.Tensor:
+    if shard.tp_dim is None or shard.tp == 1:
+        return full
+    return full.chunk(shard.tp, dim=shard.tp_dim)[shard.tp_index] if full.shape[shard.tp_dim] % shard.tp == 0 \
+        else _bad_split(shard, full)
+
+
+def _bad_split(shard, full):
+    raise ModelError(f"parameter {shard.name}: dim {shard.tp_dim} of shape {tuple(full.shape)} does not divide "
+                     f"by tp={shard.tp}; pick a plan with another tp for its layer")
+
+
+def fsdp_chunk_numel(numel: int, dp: int) -> int:
+    return -(-numel // dp)
+
+
+def local_shard(full: torch.Tensor, shard) -> torch.Tensor:
+    """This rank's piece of `full` (a new contiguous tensor, safe to free `full` after)."""
+    piece = tp_local(full, shard)
+    if getattr(shard, "fsdp", False):
+        flat = piece.reshape(-1)
+        chunk = fsdp_chunk_numel(flat.numel(), shard.dp)
+        padded = torch.zeros(chunk * shard.dp, dtype=flat.dtype, device=flat.device)
+        padded[: flat.numel()] = flat
+        piece = padded[shard.dp_index * chunk:(shard.dp_index + 1) * chunk]
+    return piece.detach().clone().contiguous()
+
+
+def unshard(pieces: Mapping[tuple, torch.Tensor], shard) -> torch.Tensor:
+    """Inverse of local_shard: pieces[(tp_index, fsdp_index)] -> the full tensor."""
+    tp = shard.tp if shard.tp_dim is not None else 1
+    tp_pieces = []
+    for t in range(tp):
+        if getattr(shard, "fsdp", False):
+            flat = torch.cat([pieces[(t, d)].reshape(-1) for d in range(shard.dp)])
+            shape = list(shard.global_shape)
+            if shard.tp_dim is not None:
+                shape[shard.tp_dim] //= tp
+            n = 1
+            for s in shape:
+                n *= s
+            tp_pieces.append(flat[:n].reshape(shape))
+        else:
+            tp_pieces.append(pieces[(t, None)])
+    return tp_pieces[0] if tp == 1 else torch.cat(tp_pieces, dim=shard.tp_dim)
+
+
+# ---------------------------------------------------------------- which module owns a state_dict key
+
+
+def owners(model: nn.Module) -> dict[str, tuple[str, str]]:
+    """state_dict key -> (module name, attribute) of its FIRST owner (tied tensors: the first name)."""
+    seen: dict[int, tuple[str, str]] = {}
+    result: dict[str, tuple[str, str]] = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        for attr, tensor in list(own_parameters(module).items()) + list(own_buffers(module).items()):
+            if tensor is None:
+                continue
+            key = f"{mod_name}.{attr}" if mod_name else attr
+            result[key] = seen.setdefault(id(tensor), (mod_name, attr))
+    return result
+
+
+def _init_module(model: nn.Module, mod_name: str, init_fn: Callable | None) -> nn.Module:
+    """A CPU copy of module `mod_name` with its own tensors allocated and initialised (children stay meta)."""
+    module = model.get_submodule(mod_name)
+    clone = shallow_copy_module(module)  # shares nothing we mutate
+    clone.to_empty(device="cpu", recurse=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(module_seed(mod_name))
+        with torch.no_grad():
+            if init_fn is not None:
+                init_fn(clone)
+            elif hasattr(clone, "reset_parameters"):
+                clone.reset_parameters()
+            elif any(t is not None for t in own_parameters(clone).values()):
+                raise ModelError(f"module {mod_name or '<root>'} ({type(module).__name__}) of a meta model has "
+                                 f"parameters but no reset_parameters(); give distribute(init_fn=...) a "
+                                 f"function that initialises such a module in place")
+            # buffers without an initialiser stay as allocated: zero them so every rank agrees
+            for name, buf in own_buffers(clone).items():
+                if buf is not None and name not in _initialised(clone):
+                    buf.zero_()
+    return clone
+
+
+def _initialised(module) -> set:
+    # reset_running_stats() & co. are what reset_parameters() calls for buffers; we cannot see
+    # which buffers an initialiser touched, so we only zero buffers of modules without any init.
+    return set(own_buffers(module)) if hasattr(module, "reset_parameters") else set()
+
+
+def full_values(model: nn.Module, keys: Iterable[str], init_fn: Callable | None = None):
+    """Yield (key, full tensor on CPU) for state_dict `keys`, one module materialised at a time."""
+    own = owners(model)
+    by_module: dict[str, list[tuple[str, str]]] = {}
+    for key in keys:
+        mod_name, attr = own[key]
+        by_module.setdefault(mod_name, []).append((key, attr))
+    meta = is_meta_model(model)
+    for mod_name, items in by_module.items():
+        module = _init_module(model, mod_name, init_fn) if meta else model.get_submodule(mod_name)
+        for key, attr in items:
+            tensor = own_parameters(module).get(attr)
+            if tensor is None:
+                tensor = own_buffers(module)[attr]
+            yield key, tensor.detach()
+        del module
+
+
+def full_model(model: nn.Module, init_fn: Callable | None = None) -> nn.Module:
+    """A real CPU copy of `model` with exactly the values distribute() gives a meta model."""
+    real = copy.deepcopy(model)
+    if not is_meta_model(model):
+        return real
+    real.to_empty(device="cpu")
+    values = dict(full_values(model, list(model.state_dict().keys()), init_fn))
+    with torch.no_grad():
+        for key, value in real.state_dict(keep_vars=True).items():
+            if key in values:
+                value.copy_(values[key])
+    return real
+
+
+def shard_values(model: nn.Module, shards: Mapping[str, object], init_fn: Callable | None = None,
+                 device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """attr -> this rank's local tensor for each ParamShard in `shards` (attr -> ParamShard)."""
+    own = owners(model)
+    canonical = {attr: _canonical_key(own, shard.name) for attr, shard in shards.items()}
+    wanted = sorted(set(canonical.values()), key=list(own).index)
+    local: dict[str, torch.Tensor] = {}
+    by_key: dict[str, list[str]] = {}
+    for attr, key in canonical.items():
+        by_key.setdefault(key, []).append(attr)
+    for key, full in full_values(model, wanted, init_fn):
+        for attr in by_key[key]:
+            shard = shards[attr]
+            if tuple(full.shape) != tuple(shard.global_shape):
+                raise ModelError(f"parameter {shard.name} has shape {tuple(full.shape)} in the model but "
+                                 f"{tuple(shard.global_shape)} in the plan; recompile for this model")
+            local[attr] = local_shard(full, shard).to(device)
+        del full
+    return local
+
+
+def _canonical_key(own: Mapping[str, tuple[str, str]], key: str) -> str:
+    if key not in own:
+        raise ModelError(f"the plan needs parameter {key!r} but the model has no such state_dict key; "
+                         f"compile and distribute the same model")
+    mod_name, attr = own[key]
+    return f"{mod_name}.{attr}" if mod_name else attr

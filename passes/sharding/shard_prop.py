@@ -1,0 +1,453 @@
+"""Sharding propagation: the tensor-parallel shardings (TPSpec) of every layer for every tp degree.
+
+How a layer's shardings are found (no module or parameter names are read: ops, shapes, data flow):
+- The choices that matter are the placements of the layer's matrix-like weights (parameters with
+  >= 2 dims, and batch-less >= 2-dim inputs such as a tied embedding): R, S(0), S(1), ... Each is
+  decided at its first consumer, among the placements that consumer's rules admit for it (a weight
+  is never redistributed: a combination needing that is dropped).
+- Every other op picks greedily, in topological order, the admissible strategy (op_rules.py) with
+  the least communication now plus what its output will probably cost later (P: an all-reduce,
+  S: an all-gather); ties go to the strategy that converts nothing now (reductions are deferred).
+- States (one per weight combination so far) that agree on the placements of every live tensor
+  have the same future, so only their Pareto-best (comm, param bytes, activation bytes) survive:
+  a dynamic program over the data flow, which keeps a GPT block at tp=8 far below a second.
+- At the end, P outputs are all-reduced (outputs are R or S), the comms are derived from the
+  placements exactly as codegen will emit them (redistribute.tensor_steps), and the Pareto front
+  over (comm, param bytes, activation bytes) is kept, best comm first, at most `max_specs`.
+Megatron's column -> row pairs come out of this because they are the cheapest consistent choice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from fxplan.passes.sharding import op_rules
+from fxplan.passes.cost.flops import node_flops, node_saved
+from fxplan.passes.ir import P, R, Comm, LayerGraph, Partial, Replicate, Shard, StrategySpace, TensorMeta, TPSpec, frozen_map
+from fxplan.passes.sharding.op_rules import ANY
+from fxplan.passes.sharding.redistribute import (comm_weight, consume_steps, distinct_steps, steps_comms, steps_score,
+                                        tensor_steps, transition)
+
+MAX_SPECS = 6
+BEAM = 64  # states kept after each op (after exact dominance pruning)
+
+
+def build_strategy_space(traced, layer_graph: LayerGraph, tp_degrees, max_specs: int = MAX_SPECS) -> StrategySpace:
+    """specs[(layer, tp)] for every layer and every tp in `tp_degrees` (tp=1: the single spec "R")."""
+    ctx = _Graph(traced)
+    specs = {}
+    cache: dict[tuple, tuple] = {}  # (signature, tp) -> (template layer, specs)
+    for layer in layer_graph.layers:
+        for tp in sorted(set(int(t) for t in tp_degrees)):
+            if tp == 1:
+                specs[(layer.index, 1)] = (_replicated(ctx, layer),)
+                continue
+            key = (layer.signature, tp) if layer.signature else None
+            hit = cache.get(key) if key else None
+            if hit is not None and _same_shape(ctx, hit[0], layer):
+                specs[(layer.index, tp)] = tuple(_remap(ctx, s, hit[0], layer) for s in hit[1])
+                continue
+            found = LayerProp(ctx, layer, tp, max_specs).run()
+            specs[(layer.index, tp)] = found
+            if key:
+                cache[key] = (layer, found)
+    return StrategySpace(specs=frozen_map(specs))
+
+
+# ---------------------------------------------------------------- graph facts
+
+
+class _Graph:
+    """Name lookups, metas and requires-grad of the traced graph (computed once)."""
+
+    def __init__(self, traced):
+        self.gm = traced.gm
+        self.nodes = {n.name: n for n in self.gm.graph.nodes}
+        self.tensors = dict(traced.tensors)
+        params = dict(self.gm.named_parameters())
+        self.params = params
+        self.rg: dict[fx.Node, bool] = {}
+        for n in self.gm.graph.nodes:
+            v = n.meta.get("val")
+            if n.op == "get_attr":
+                p = params.get(n.target)
+                self.rg[n] = p is not None and p.requires_grad
+            elif n.op == "placeholder":
+                self.rg[n] = isinstance(v, torch.Tensor) and v.requires_grad
+            else:
+                floaty = (isinstance(v, torch.Tensor) and v.is_floating_point()) or (
+                    isinstance(v, (tuple, list)) and any(isinstance(x, torch.Tensor) and x.is_floating_point() for x in v))
+                self.rg[n] = floaty and any(self.rg.get(a, False) for a in n.all_input_nodes)
+
+    def meta(self, n: fx.Node) -> TensorMeta:
+        m = self.tensors.get(n.name)
+        if m is not None:
+            return m
+        v = n.meta.get("val")
+        if isinstance(v, (tuple, list)):
+            v = next((x for x in v if isinstance(x, torch.Tensor)), None)
+        if not isinstance(v, torch.Tensor):
+            return TensorMeta((), "none", 0, None)
+        return TensorMeta(tuple(int(s) for s in v.shape), str(v.dtype), v.element_size(), n.meta.get("fxplan_batch_dim"))
+
+    def is_param(self, n: fx.Node) -> bool:
+        return n.op == "get_attr" and n.target in self.params
+
+
+def _replicated(ctx: _Graph, layer) -> TPSpec:
+    nodes = [ctx.nodes[x] for x in layer.nodes]
+    return TPSpec(
+        label="R", tp=1,
+        placements=frozen_map({n.name: R for n in nodes}),
+        arg_placements=frozen_map({n.name: tuple(R if op_rules.is_tensor_like(a) else None for a in n.all_input_nodes)
+                                   for n in nodes}),
+        input_placements=frozen_map({x: R for x in layer.inputs}),
+        output_placements=frozen_map({x: R for x in layer.outputs}),
+        comms=(), flops=float(layer.flops), param_numel=int(layer.param_numel), act_bytes=float(layer.act_bytes))
+
+
+# ---------------------------------------------------------------- one layer, one tp
+
+
+@dataclass
+class _State:
+    place: dict = field(default_factory=dict)  # node -> placement (tensor values)
+    args: dict = field(default_factory=dict)  # node -> chosen arg placements
+    sharded: dict = field(default_factory=dict)  # node -> sharded compute?
+    chains: dict = field(default_factory=dict)  # tensor -> set of step chains emitted from it
+    tags: list = field(default_factory=list)  # (node index, tag) where a weight was decided
+    comm: float = 0.0
+    params: float = 0.0
+    acts: float = 0.0
+    flops: float = 0.0
+
+    def fork(self) -> "_State":
+        return _State(dict(self.place), dict(self.args), dict(self.sharded), {k: set(v) for k, v in self.chains.items()},
+                      list(self.tags), self.comm, self.params, self.acts, self.flops)
+
+    def score(self):
+        return (self.comm, self.params, self.acts, self.flops)
+
+
+class LayerProp:
+    """Propagates shardings through one layer at one tp degree; `run()` returns its TPSpecs."""
+
+    def __init__(self, ctx: _Graph, layer, tp: int, max_specs: int = MAX_SPECS):
+        self.ctx, self.layer, self.tp, self.max_specs = ctx, layer, tp, max_specs
+        self.nodes = [ctx.nodes[x] for x in layer.nodes]
+        self.inputs = [ctx.nodes[x] for x in layer.inputs]
+        self.outputs = {ctx.nodes[x] for x in layer.outputs}
+        inside = set(self.nodes)
+        owned = set(layer.params)
+        # weights: decided by enumeration; free: placed by their first consumer at no cost
+        self.weights = {n for n in self.nodes if ctx.is_param(n) and len(ctx.meta(n).shape) >= 2
+                        and n.target in owned}
+        self.weights |= {n for n in self.inputs if ctx.meta(n).batch_dim is None and len(ctx.meta(n).shape) >= 2
+                         and ctx.rg.get(n, False)}
+        self.free = {n for n in self.nodes if n.op == "get_attr"} - self.weights
+        self.last_use: dict = {}
+        for i, n in enumerate(self.nodes):
+            for a in n.all_input_nodes:
+                self.last_use[a] = i
+        for o in self.outputs:
+            self.last_use[o] = len(self.nodes)
+        self.consumers = {n: [u for u in n.users if u in inside] for n in list(inside) + self.inputs}
+
+    # ------------------------------------------------------------ costs
+    def _chain_cost(self, state: _State, t, chain) -> float:
+        have = state.chains.get(t, ())
+        meta, rg = self.ctx.meta(t), self.ctx.rg.get(t, False)
+        return sum(steps_score((chain[i],), meta, rg) for i in range(len(chain)) if chain[: i + 1] not in have)
+
+    def _pending(self, node, out) -> float:
+        """What a P / S output will probably cost later (its reduction / gather). Measured on the
+        smaller of the output and the largest input: an op that grows its output (repeat, expand)
+        must not be pushed to gather its input early just because its output is big."""
+        if isinstance(out, Replicate):
+            return 0.0
+        size = self.ctx.meta(node).nbytes
+        ins = [self.ctx.meta(a).nbytes for a in node.all_input_nodes if op_rules.is_tensor_like(a)]
+        if ins:
+            size = min(size, max(ins))
+        return comm_weight("all_reduce" if isinstance(out, Partial) else "all_gather", self.tp) * size
+
+    # ------------------------------------------------------------ propagation
+    def run(self) -> tuple[TPSpec, ...]:
+        start = _State()
+        for x in self.inputs:
+            if x not in self.weights:
+                start.place[x] = R
+        states = [start]
+        for i, node in enumerate(self.nodes):
+            if node.op == "get_attr":
+                continue  # placed by its first consumer
+            nxt = []
+            for st in states:
+                nxt.extend(self._step(st, i, node))
+            if not nxt:
+                raise AssertionError(f"no admissible strategy for {node.name}")  # replicated always is
+            states = self._prune(nxt, i)
+        return self._finish(states)
+
+    def _step(self, st: _State, i: int, node) -> list[_State]:
+        tp = self.tp
+        best: dict[tuple, tuple] = {}
+        for s in op_rules.strategies(node, tp, current=lambda n: st.place.get(n)):
+            key, now, ok = [], 0.0, True
+            for a, need in zip(node.all_input_nodes, s.args):
+                if need is None or need is ANY:
+                    continue
+                if a in self.weights and a not in st.place:
+                    if isinstance(need, Partial):
+                        ok = False
+                        break
+                    key.append((a, need))
+                    continue
+                if a in self.weights and st.place[a] != need:
+                    ok = False
+                    break
+                if a in self.free and a not in st.place:
+                    continue  # stored as needed (P: stored R, priced below)
+                cur = st.place.get(a, R)
+                chain = consume_steps(cur, need, tp, sharded_consumer=s.sharded, only_sharded=False)
+                now += self._chain_cost(st, a, chain)
+            if not ok:
+                continue
+            for a, need in zip(node.all_input_nodes, s.args):  # free params needing P: stored R -> P
+                if a in self.free and a not in st.place and isinstance(need, Partial):
+                    now += self._chain_cost(st, a, consume_steps(R, need, tp, sharded_consumer=s.sharded))
+            total = now + self._pending(node, s.out) if op_rules.is_tensor_like(node) else now
+            k = (tuple(key),)
+            if k not in best or (total, now) < best[k][0]:
+                best[k] = ((total, now), s)
+        out = []
+        for k, (_, s) in best.items():
+            new = st.fork() if len(best) > 1 else st
+            for a, need in k[0]:
+                new.place[a] = need
+                new.params += self._param_bytes(a, need)
+                new.tags.append((i, s.tag if s.sharded else "rep"))
+            self._apply(new, node, s)
+            out.append(new)
+        return out
+
+    def _apply(self, st: _State, node, s) -> None:
+        tp = self.tp
+        args = []
+        for a, need in zip(node.all_input_nodes, s.args):
+            if need is ANY:
+                need = st.place.get(a, R)
+            if need is not None and a in self.free and a not in st.place:
+                stored = need if isinstance(need, (Replicate, Shard)) else R
+                st.place[a] = stored
+                st.params += self._param_bytes(a, stored)
+            if need is not None:
+                chain = consume_steps(st.place.get(a, R), need, tp, sharded_consumer=s.sharded, only_sharded=False)
+                if chain:
+                    st.comm += self._chain_cost(st, a, chain)
+                    have = st.chains.setdefault(a, set())
+                    for j in range(len(chain)):
+                        have.add(chain[: j + 1])
+            args.append(need)
+        st.args[node] = tuple(args)
+        st.sharded[node] = s.sharded
+        st.place[node] = s.out
+        st.acts += self._saved(st, node, s)
+        st.flops += node_flops(node) / (tp if s.sharded else 1)
+
+    def _param_bytes(self, n, placement) -> float:
+        if not self.ctx.is_param(n) or n.target not in self.layer.params:
+            return 0.0
+        m = self.ctx.meta(n)
+        return m.nbytes / (self.tp if isinstance(placement, Shard) else 1)
+
+    def _saved(self, st: _State, node, s) -> float:
+        saved, extra = node_saved(node)
+        total = 0.0
+        for a in saved:
+            p = st.args[node][node.all_input_nodes.index(a)] if a in node.all_input_nodes else s.out
+            total += self.ctx.meta(a).nbytes / (self.tp if isinstance(p, (Shard, Partial)) else 1)
+        return total + extra / (self.tp if s.sharded else 1)
+
+    def _prune(self, states: list[_State], i: int) -> list[_State]:
+        """Exact dominance among states with the same live placements, then a beam cap."""
+        groups: dict[tuple, list[_State]] = {}
+        for st in states:
+            live = tuple(sorted((t.name, str(p), len(st.chains.get(t, ())))
+                                for t, p in st.place.items() if self.last_use.get(t, -1) > i))
+            groups.setdefault(live, []).append(st)
+        kept = []
+        for group in groups.values():
+            kept.extend(_pareto(group, _State.score))
+        if len(kept) <= BEAM:
+            return kept
+        # keep the cheapest in comm and the smallest per device (the sharded ones pay comm early)
+        by_comm = sorted(kept, key=_State.score)
+        by_size = sorted(kept, key=lambda s: (s.params + s.acts, s.comm))
+        out, seen = [], set()
+        for a, b in zip(by_comm, by_size):
+            for st in (a, b):
+                if id(st) not in seen and len(out) < BEAM:
+                    seen.add(id(st))
+                    out.append(st)
+        return out
+
+    # ------------------------------------------------------------ results
+    def _finish(self, states: list[_State]) -> tuple[TPSpec, ...]:
+        done = [self._spec(st) for st in states]
+        front = _pareto(done, lambda d: d[0])
+        uniq, seen = [], set()
+        for d in sorted(front, key=lambda d: d[0]):
+            if d[0] not in seen:
+                seen.add(d[0])
+                uniq.append(d)
+        specs, labels = [], {}
+        for score, st, comms in _select(uniq, self.max_specs):
+            label = self._label(st)
+            labels[label] = labels.get(label, 0) + 1
+            if labels[label] > 1:
+                label = f"{label}#{labels[label]}"
+            specs.append(self._tpspec(st, comms, label))
+        return tuple(specs)
+
+    def _spec(self, st: _State):
+        """(score, state, comms): comms derived from the final placements as codegen emits them."""
+        tp = self.tp
+        out_place = {o: (R if isinstance(st.place.get(o, R), Partial) else st.place.get(o, R)) for o in self.outputs}
+        st.out_place = out_place
+        comms: list[Comm] = []
+        score = 0.0
+        for t in list(self.inputs) + self.nodes:
+            uses = []
+            for u in self.consumers.get(t, ()):
+                if u not in st.args:
+                    continue
+                for a, need in zip(u.all_input_nodes, st.args[u]):
+                    if a is t and need is not None:
+                        uses.append((need, st.sharded[u]))
+            if t in out_place:
+                uses.append((out_place[t], False))
+                if isinstance(out_place[t], Shard):  # the next layer will most likely gather it: rank by that
+                    score += steps_score(transition(out_place[t], R, tp), self.ctx.meta(t), self.ctx.rg.get(t, False))
+            if not uses:
+                continue
+            src = st.place.get(t, R)
+            chains = tensor_steps(src, uses, tp).values()
+            steps = distinct_steps(chains)
+            if not steps:
+                continue
+            meta, rg = self.ctx.meta(t), self.ctx.rg.get(t, False)
+            comms.extend(steps_comms(steps, meta, rg, why=f"{{kind}} {t.name}"))
+            score += steps_score(steps, meta, rg)
+        comms = [Comm(c.kind, c.axis, c.nbytes, c.per_sample, c.phase, c.why.replace("{kind}", _why(c))) for c in comms]
+        return (score, st.params, st.acts, st.flops), st, tuple(comms)
+
+    def _label(self, st: _State) -> str:
+        tags = [t for _, t in sorted(st.tags)]
+        if not tags or all(t == "rep" for t in tags):
+            return "R"
+        runs: list[list] = []
+        for t in tags:
+            if runs and runs[-1][0] == t:
+                runs[-1][1] += 1
+            else:
+                runs.append([t, 1])
+        return ">".join(t if n == 1 else f"{t}{n}" for t, n in runs)
+
+    def _tpspec(self, st: _State, comms, label: str) -> TPSpec:
+        ctx, tp = self.ctx, self.tp
+        flops_all = flops_dev = 0.0
+        for n in self.nodes:
+            f = node_flops(n) if n.op not in ("get_attr",) else 0.0
+            flops_all += f
+            flops_dev += f / (tp if st.sharded.get(n) else 1)
+        flops = self.layer.flops * (flops_dev / flops_all) if flops_all > 0 else float(self.layer.flops)
+        param_numel = 0
+        for n in self.nodes:
+            if ctx.is_param(n) and n.target in self.layer.params:
+                numel = ctx.meta(n).numel
+                param_numel += numel // tp if isinstance(st.place.get(n, R), Shard) else numel
+        acts_all = sum(node_saved_total(n, ctx) for n in self.nodes)
+        acts = self.layer.act_bytes * (st.acts / acts_all) if acts_all > 0 else float(self.layer.act_bytes)
+        placements = {n.name: (st.place.get(n, R) if op_rules.is_tensor_like(n) else R) for n in self.nodes}
+        return TPSpec(
+            label=label, tp=tp,
+            placements=frozen_map(placements),
+            arg_placements=frozen_map({n.name: st.args.get(n, tuple(R if op_rules.is_tensor_like(a) else None
+                                                                  for a in n.all_input_nodes)) for n in self.nodes}),
+            input_placements=frozen_map({x.name: st.place.get(x, R) for x in self.inputs}),
+            output_placements=frozen_map({o.name: st.out_place[o] for o in self.outputs}),
+            comms=comms, flops=float(flops), param_numel=int(param_numel), act_bytes=float(acts))
+
+
+def node_saved_total(n, ctx) -> float:
+    saved, extra = node_saved(n)
+    return sum(ctx.meta(a).nbytes for a in saved) + extra
+
+
+def _why(c: Comm) -> str:
+    return f"{c.kind}"
+
+
+def _select(front, k: int):
+    """At most k of the (comm-sorted) Pareto front: the extremes of every criterion first (the
+    cheapest in comm, and the smallest in params / activations / flops: the Megatron-like full
+    sharding), then the rest by comm."""
+    if len(front) <= k:
+        return front
+    chosen = [0]
+    for c in range(1, len(front[0][0])):
+        j = min(range(len(front)), key=lambda i: (front[i][0][c], front[i][0][0]))
+        if j not in chosen:
+            chosen.append(j)
+    for i in range(len(front)):
+        if len(chosen) >= k:
+            break
+        if i not in chosen:
+            chosen.append(i)
+    return [front[i] for i in sorted(chosen[:k])]
+
+
+def _pareto(items, key):
+    """Items not dominated (<= in every coordinate, < in one) by another; stable order."""
+    keys = [key(x) for x in items]
+    out = []
+    for i, ki in enumerate(keys):
+        dominated = any(all(a <= b for a, b in zip(kj, ki)) and kj != ki for kj in keys)
+        if not dominated:
+            out.append(items[i])
+    return out
+
+
+# ---------------------------------------------------------------- identical layers
+
+
+def _same_shape(ctx: _Graph, a, b) -> bool:
+    if len(a.nodes) != len(b.nodes) or len(a.inputs) != len(b.inputs) or len(a.outputs) != len(b.outputs):
+        return False
+    for x, y in zip(a.nodes, b.nodes):
+        nx, ny = ctx.nodes[x], ctx.nodes[y]
+        if nx.op != ny.op or (nx.op != "get_attr" and nx.target != ny.target):
+            return False
+    return True
+
+
+def _remap(ctx: _Graph, spec: TPSpec, a, b) -> TPSpec:
+    """`spec` of layer a renamed onto the identical layer b (positional node correspondence)."""
+    names = dict(zip(a.nodes, b.nodes))
+    names.update(zip(a.inputs, b.inputs))
+    names.update(zip(a.outputs, b.outputs))
+    ren = lambda m: frozen_map({names.get(k, k): v for k, v in m.items()})  # noqa: E731
+    comms = tuple(Comm(c.kind, c.axis, c.nbytes, c.per_sample, c.phase,
+                       " ".join(names.get(w, w) for w in c.why.split(" "))) for c in spec.comms)
+    scale = lambda x, tot_a, tot_b: x * (tot_b / tot_a) if tot_a else x  # noqa: E731
+    return TPSpec(label=spec.label, tp=spec.tp, placements=ren(spec.placements), arg_placements=ren(spec.arg_placements),
+                  input_placements=ren(spec.input_placements), output_placements=ren(spec.output_placements),
+                  comms=comms, flops=scale(spec.flops, a.flops, b.flops), param_numel=spec.param_numel,
+                  act_bytes=scale(spec.act_bytes, a.act_bytes, b.act_bytes))
+
+
+__all__ = ["build_strategy_space", "LayerProp", "MAX_SPECS", "transition", "P"]

@@ -1,0 +1,1 @@
+"""fxplan.passes.solve"""

@@ -1,0 +1,183 @@
+"""Exact reductions of a Problem before the MILP sees it (no torch).
+
+1. parallel edges between the same two layers are summed (evaluate adds them anyway);
+2. strategies dominated in EVERY array (time components, sync, both memories, and the rows/columns
+   of every edge that touches the layer) are dropped: swapping a dominated strategy for its
+   dominator never raises a stage time, a transfer, a memory or the objective;
+3. runs of identical layers (same arrays, joined by identical chain edges and by no other edge in
+   their interior) are found, so the MILP can count layers per (run, stage, strategy) instead of
+   placing each one: the transformer-block symmetry disappears from the search.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from fxplan.passes.solve.problem import Edge, Problem
+
+_ARRAYS = ("fwd", "bwd", "wgt", "sync", "mem_fixed", "mem_act")
+
+
+@dataclass(frozen=True)
+class Reduced:
+    """A smaller Problem plus how to map its assignments back to the original one."""
+
+    problem: Problem
+    kept: tuple[np.ndarray, ...]  # per layer: original strategy index of each kept strategy
+
+    def to_original(self, strategy_of) -> tuple[int, ...]:
+        return tuple(int(self.kept[u][k]) for u, k in enumerate(strategy_of))
+
+    def from_original(self, strategy_of) -> tuple[int, ...] | None:
+        """Reduced indices of an original assignment, None if it uses a dropped strategy."""
+        out = []
+        for u, k in enumerate(strategy_of):
+            hit = np.nonzero(self.kept[u] == int(k))[0]
+            if not len(hit):
+                return None
+            out.append(int(hit[0]))
+        return tuple(out)
+
+
+def merge_parallel_edges(problem: Problem) -> Problem:
+    merged: dict[tuple[int, int], Edge] = {}
+    for e in problem.edges:
+        key = (e.src, e.dst)
+        if key in merged:
+            old = merged[key]
+            merged[key] = Edge(e.src, e.dst, old.reshard + e.reshard, old.send + e.send)
+        else:
+            merged[key] = Edge(e.src, e.dst, np.asarray(e.reshard, float), np.asarray(e.send, float))
+    edges = tuple(merged[k] for k in sorted(merged))
+    return replace(problem, edges=edges)
+
+
+def _dominated(problem: Problem, u: int, alive: list[np.ndarray], touching: list) -> np.ndarray:
+    """Positions (in alive[u]) of strategies of layer u that another alive strategy dominates."""
+    # one column per compared quantity, rows = alive strategies; "smaller is better" everywhere
+    cols = [np.asarray(getattr(problem, name)[u], float)[alive[u]][:, None] for name in _ARRAYS]
+    for e in touching[u]:
+        if e.src == u:  # u's row of reshard against the dst's alive strategies, and its send
+            cols.append(e.reshard[np.ix_(alive[u], alive[e.dst])])
+            cols.append(e.send[alive[u]][:, None])
+        if e.dst == u:
+            cols.append(e.reshard[np.ix_(alive[e.src], alive[u])].T)
+    table = np.concatenate(cols, axis=1)
+    n = len(table)
+    le = np.all(table[:, None, :] <= table[None, :, :], axis=2)  # le[j, k]: j no worse than k
+    lt = np.any(table[:, None, :] < table[None, :, :], axis=2)
+    earlier = np.arange(n)[:, None] < np.arange(n)[None, :]
+    # ties: the later index goes, so exactly one of two identical strategies survives
+    beats = le & (lt | earlier)
+    np.fill_diagonal(beats, False)
+    dead = np.zeros(n, bool)
+    for k in range(n):  # only a surviving strategy may knock another out
+        if not dead[k] and np.any(beats[:, k] & ~dead):
+            dead[k] = True
+    return np.nonzero(dead)[0]
+
+
+def drop_dominated(problem: Problem) -> Reduced:
+    alive = [np.arange(problem.num_strategies(u)) for u in range(problem.num_layers)]
+    touching = [[e for e in problem.edges if u in (e.src, e.dst)] for u in range(problem.num_layers)]
+    changed = True
+    while changed:  # dropping a strategy can make a neighbour's columns dominate: to a fixpoint
+        changed = False
+        for u in range(problem.num_layers):
+            if len(alive[u]) > 1:
+                dead = _dominated(problem, u, alive, touching)
+                if len(dead):
+                    alive[u] = np.delete(alive[u], dead)
+                    changed = True
+    fields = {name: tuple(np.asarray(getattr(problem, name)[u], float)[alive[u]]
+                          for u in range(problem.num_layers)) for name in _ARRAYS}
+    edges = tuple(Edge(e.src, e.dst, e.reshard[np.ix_(alive[e.src], alive[e.dst])], e.send[alive[e.src]])
+                  for e in problem.edges)
+    labels = ()
+    if problem.labels:
+        labels = tuple(tuple(problem.labels[u][k] for k in alive[u]) for u in range(problem.num_layers))
+    reduced = replace(problem, edges=edges, labels=labels, **fields)
+    return Reduced(reduced, tuple(alive))
+
+
+# ---------------------------------------------------------------- runs of identical layers
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Layers first..last (inclusive). A run (n > 1) has identical layers joined by `chain` edges."""
+
+    first: int
+    last: int
+    chain: Edge | None = None  # the edge (u, u+1) shared by every consecutive pair of the run
+
+    @property
+    def n(self) -> int:
+        return self.last - self.first + 1
+
+
+def _same_layer(problem: Problem, u: int, v: int) -> bool:
+    return all(np.array_equal(getattr(problem, name)[u], getattr(problem, name)[v]) for name in _ARRAYS)
+
+
+def segments(problem: Problem) -> tuple[Segment, ...]:
+    """Split the layer chain into maximal runs of identical layers (singletons elsewhere)."""
+    L = problem.num_layers
+    outs = {u: [e for e in problem.edges if e.src == u] for u in range(L)}
+    ins = {u: [e for e in problem.edges if e.dst == u] for u in range(L)}
+
+    def link(u: int) -> Edge | None:
+        """The chain edge u -> u+1 if u and u+1 may sit in one run, else None."""
+        if not _same_layer(problem, u, u + 1):
+            return None
+        if len(outs[u]) != 1 or len(ins[u + 1]) != 1 or outs[u][0].dst != u + 1:
+            return None
+        return outs[u][0]
+
+    segs: list[Segment] = []
+    u = 0
+    while u < L:
+        first, chain = u, None
+        while u + 1 < L:
+            e = link(u)
+            if e is None:
+                break
+            if chain is not None and not (np.array_equal(e.reshard, chain.reshard)
+                                          and np.array_equal(e.send, chain.send)):
+                break
+            chain = e
+            u += 1
+        segs.append(Segment(first, u, chain if u > first else None))
+        u += 1
+    return tuple(segs)
+
+
+def endpoint_classes(problem: Problem, seg: Segment) -> np.ndarray:
+    """Class id per strategy of a run: strategies that every edge treats alike share a class.
+
+    Inside a stage, layers of one class may be reordered freely, so the MILP only needs class
+    counts and class-to-class transitions to price the run's edges exactly.
+    """
+    K = problem.num_strategies(seg.first)
+    parts = [seg.chain.reshard, seg.chain.reshard.T, seg.chain.send[:, None]]
+    for e in problem.edges:
+        if e.dst == seg.first and e is not seg.chain:
+            parts.append(e.reshard.T)
+        if e.src == seg.last and e is not seg.chain:
+            parts.append(e.reshard)
+            parts.append(e.send[:, None])
+    sig = np.concatenate(parts, axis=1)
+    cls = -np.ones(K, dtype=int)
+    reps: list[int] = []
+    for k in range(K):
+        for c, r in enumerate(reps):
+            # rows and columns equal => R[k, l] equals R[r, l] and R[l, k] equals R[l, r] for all l
+            if np.array_equal(sig[k], sig[r]):
+                cls[k] = c
+                break
+        else:
+            cls[k] = len(reps)
+            reps.append(k)
+    return cls

@@ -1,0 +1,10 @@
+"""Test tiers: unit/ (no process group), fakepg/ (the fake backend, large worlds), dist/ (torchrun
+on gloo, 2-4 CPU processes; their per-rank programs are dist/workers/*). support/ holds the models
+and fixtures the tiers share; it is put on sys.path here so every tier imports it by module name."""
+
+import sys
+from pathlib import Path
+
+SUPPORT = Path(__file__).resolve().parent / "support"
+if str(SUPPORT) not in sys.path:
+    sys.path.insert(0, str(SUPPORT))

@@ -1,0 +1,295 @@
+"""Sharding propagation (passes/shard_prop.py, op_rules.py) and redistribution (redistribute.py)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from fxplan.passes.coarsen import coarsen
+from fxplan.passes.ir import P, R, Shard, TensorMeta
+from fxplan.passes.sharding.redistribute import Layout, consume_steps, layout_steps, steps_comms, tensor_steps, transition
+from fxplan.passes.sharding.shard_prop import build_strategy_space
+from fxplan.passes.trace import trace
+
+C, H, T, B = 64, 8, 16, 4
+
+
+# ---------------------------------------------------------------- models
+
+
+class Attn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(C, 3 * C)
+        self.proj = nn.Linear(C, C)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        # per-head fused layout [q_h, k_h, v_h] (Megatron's): whole heads per column shard
+        qkv = self.qkv(x).view(b, t, H, 3 * (C // H)).transpose(1, 2)
+        q, k, v = qkv.split(C // H, dim=-1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(b, t, C))
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(C), nn.LayerNorm(C)
+        self.attn = Attn()
+        self.fc, self.out = nn.Linear(C, 4 * C), nn.Linear(4 * C, C)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+
+
+class RawBlock(nn.Module):
+    """The same block with raw parameters under arbitrary names and F.linear calls."""
+
+    def __init__(self):
+        super().__init__()
+        mk = lambda *s: nn.Parameter(torch.randn(*s) * 0.02)  # noqa: E731
+        self.zz, self.zb = mk(3 * C, C), mk(3 * C)
+        self.yy, self.yb = mk(C, C), mk(C)
+        self.aa, self.ab = mk(4 * C, C), mk(4 * C)
+        self.qq, self.qb = mk(C, 4 * C), mk(C)
+        self.n1w, self.n1b, self.n2w, self.n2b = mk(C), mk(C), mk(C), mk(C)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        h = F.layer_norm(x, (C,), self.n1w, self.n1b)
+        qkv = F.linear(h, self.zz, self.zb).view(b, t, H, 3 * (C // H)).transpose(1, 2)
+        q, k, v = qkv.split(C // H, dim=-1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + F.linear(y.transpose(1, 2).reshape(b, t, C), self.yy, self.yb)
+        h = F.layer_norm(x, (C,), self.n2w, self.n2b)
+        return x + F.linear(F.gelu(F.linear(h, self.aa, self.ab)), self.qq, self.qb)
+
+
+class Stack(nn.Module):
+    def __init__(self, block, n=2):
+        super().__init__()
+        self.blocks = nn.ModuleList(block() for _ in range(n))
+
+    def forward(self, x):
+        for blk in self.blocks:
+            x = blk(x)
+        return x.pow(2).mean()
+
+
+def _space(model, tps=(1, 2, 4), inputs=None):
+    traced = trace(model, inputs if inputs is not None else (torch.randn(B, T, C),))
+    graph = coarsen(traced)
+    return traced, graph, build_strategy_space(traced, graph, tps)
+
+
+def _block_layers(graph):
+    return [l for l in graph.layers if l.name.startswith("blocks.")]
+
+
+def _fwd(spec, kind):
+    return [c for c in spec.comms if c.phase == "fwd" and c.kind == kind]
+
+
+def _weights(traced, layer, spec):
+    """Placements of the layer's 2-D parameters in graph order."""
+    nodes = {n.name: n for n in traced.gm.graph.nodes}
+    params = dict(traced.gm.named_parameters())
+    return [spec.placements[x] for x in layer.nodes
+            if nodes[x].op == "get_attr" and nodes[x].target in params and params[nodes[x].target].dim() == 2]
+
+
+# ---------------------------------------------------------------- propagation
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_gpt_block_column_then_row_emerges(tp):
+    traced, graph, space = _space(Stack(Block))
+    layer = _block_layers(graph)[0]
+    specs = space.for_layer(layer.index, tp)
+    assert len(specs) <= 6 and len({s.label for s in specs}) == len(specs)
+    full = [s for s in specs if all(isinstance(p, Shard) for p in _weights(traced, layer, s))]
+    assert full, [s.label for s in specs]
+    best = min(full, key=lambda s: sum(c.nbytes for c in s.comms))
+    # Megatron: column (S(0) of [out, in]) then row (S(1)), for attention and for the MLP
+    assert _weights(traced, layer, best) == [Shard(0), Shard(1), Shard(0), Shard(1)]
+    assert best.label == "col>row>col>row"
+    assert len(_fwd(best, "all_reduce")) == 2
+    assert [c for c in best.comms if c.phase == "fwd"] == _fwd(best, "all_reduce")
+    act = TensorMeta((B, T, C), "torch.float32", 4, 0).nbytes
+    assert all(c.nbytes == act and c.per_sample for c in _fwd(best, "all_reduce"))
+    # backward: the f of each column pair's input (plus the row biases' tiny fixed-size gradients)
+    big_bwd = [c for c in best.comms if c.phase == "bwd" and c.per_sample]
+    assert [c.kind for c in big_bwd] == ["all_reduce", "all_reduce"]
+    # per device: parameters of the 4 matrices divided by tp; forward FLOPs shrink
+    mats = sum(traced.tensors[x].numel for x in layer.nodes if x in traced.tensors and len(traced.tensors[x].shape) == 2
+               and {n.name: n for n in traced.gm.graph.nodes}[x].op == "get_attr")
+    assert best.param_numel < layer.param_numel - mats * (1 - 1 / tp) + 4 * C * 4
+    assert best.flops < layer.flops / tp * 1.5
+    # the replicated spec is there, free of comms
+    rep = space.spec(layer.index, tp, "R")
+    assert rep.comms == () and rep.param_numel == layer.param_numel
+
+
+def _summary(specs):
+    return sorted((s.label, tuple(sorted((c.kind, c.phase, c.nbytes, c.per_sample) for c in s.comms)), s.param_numel)
+                  for s in specs)
+
+
+def test_raw_parameters_under_other_names_give_the_same_specs():
+    torch.manual_seed(0)
+    _, g1, s1 = _space(Stack(Block))
+    _, g2, s2 = _space(Stack(RawBlock))
+    for tp in (2, 4):
+        a = s1.for_layer(_block_layers(g1)[0].index, tp)
+        b = s2.for_layer(_block_layers(g2)[0].index, tp)
+        assert _summary(a) == _summary(b)
+
+
+def test_identical_blocks_share_results_under_their_own_names():
+    _, graph, space = _space(Stack(Block, n=3))
+    l0, l2 = _block_layers(graph)[0], _block_layers(graph)[2]
+    assert l0.signature and l0.signature == l2.signature
+    a, b = space.for_layer(l0.index, 2), space.for_layer(l2.index, 2)
+    assert [s.label for s in a] == [s.label for s in b]
+    for s in b:
+        assert set(s.placements) == set(l2.nodes)
+        assert set(s.output_placements) == set(l2.outputs)
+        assert all(not isinstance(p, type(P)) for p in s.output_placements.values())
+
+
+def test_llama_block_gets_column_and_row():
+    from fxplan.models import registry
+
+    model = registry.build("llama", layers=2, hidden=64, heads=4, kv_heads=2, seq=16, vocab=128, ffn=128)
+    traced = trace(model, model.example_batch(2))
+    graph = coarsen(traced)
+    space = build_strategy_space(traced, graph, (2,))
+    layer = _block_layers(graph)[0]
+    specs = space.for_layer(layer.index, 2)
+    full = [s for s in specs if all(isinstance(p, Shard) for p in _weights(traced, layer, s))]
+    best = min(full, key=lambda s: sum(c.nbytes for c in s.comms))
+    # q, k, v column; o row; gate, up column; down row (RMSNorm via pow/mean/rsqrt stays R)
+    assert _weights(traced, layer, best) == [Shard(0)] * 3 + [Shard(1)] + [Shard(0)] * 2 + [Shard(1)]
+    assert [c.kind for c in best.comms if c.phase == "fwd"] == ["all_reduce", "all_reduce"]
+    assert [c.kind for c in best.comms if c.phase == "bwd"] == ["all_reduce", "all_reduce"]
+
+
+class Elementwise(nn.Module):
+    def forward(self, x):
+        return (torch.tanh(x) * 2 + x.exp()).sum()
+
+
+def test_elementwise_layer_gets_only_replicated():
+    traced, graph, space = _space(Elementwise(), tps=(1, 2, 4))
+    for layer in graph.layers:
+        for tp in (2, 4):
+            specs = space.for_layer(layer.index, tp)
+            assert [s.label for s in specs] == ["R"]
+            assert specs[0].comms == ()
+
+
+@torch.fx.wrap
+def mystery(x):
+    return x.flip(-1) * 1.5
+
+
+class WithUnknown(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(C, C)
+        self.fc2 = nn.Linear(C, C)
+
+    def forward(self, x):
+        return self.fc2(mystery(self.fc(x))).pow(2).mean()
+
+
+def test_unknown_op_runs_replicated():
+    traced, graph, space = _space(WithUnknown(), tps=(2,))
+    name = next(n.name for n in traced.gm.graph.nodes if n.target is mystery)
+    layer = next(l for l in graph.layers if name in l.nodes)
+    specs = space.for_layer(layer.index, 2)
+    assert specs
+    for s in specs:
+        assert s.placements[name] == R
+        assert all(p == R for p in s.arg_placements[name] if p is not None)
+
+
+def test_gpt_block_tp8_is_fast():
+    traced = trace(Stack(Block, n=2), (torch.randn(B, T, C),))
+    graph = coarsen(traced)
+    t0 = time.perf_counter()
+    space = build_strategy_space(traced, graph, (8,))
+    assert time.perf_counter() - t0 < 1.0
+    assert any(s.label == "col>row>col>row" for s in space.for_layer(_block_layers(graph)[0].index, 8))
+
+
+# ---------------------------------------------------------------- redistribute
+
+META = TensorMeta((8, 16, 32), "torch.float32", 4, 0)
+
+
+def test_transitions():
+    assert transition(R, R, 4) == ()
+    (g,) = transition(P, R, 4)
+    assert (g.kind, g.fwd, g.bwd) == ("g", "all_reduce", None)
+    (ag,) = transition(Shard(2), R, 4)
+    assert (ag.fwd, ag.bwd, ag.dim) == ("all_gather", None, 2)
+    (sl,) = transition(R, Shard(1), 4)
+    assert (sl.fwd, sl.bwd, sl.dim) == (None, "all_gather", 1)
+    (rs,) = transition(P, Shard(0), 4)
+    assert (rs.fwd, rs.bwd) == ("reduce_scatter", "all_gather")
+    (a2a,) = transition(Shard(1), Shard(2), 4)
+    assert (a2a.fwd, a2a.bwd, a2a.dim, a2a.dim2) == ("all_to_all", "all_to_all", 1, 2)
+    (part,) = transition(R, P, 4)
+    assert (part.fwd, part.bwd) == (None, "all_reduce")
+    assert transition(Shard(0), R, 1) == ()
+
+
+def test_f_rule_and_fusion():
+    (f,) = consume_steps(R, R, 4, sharded_consumer=True)
+    assert (f.kind, f.fwd, f.bwd) == ("f", None, "all_reduce")
+    assert consume_steps(R, R, 4, sharded_consumer=False) == ()
+    (fused,) = consume_steps(Shard(1), R, 4, sharded_consumer=True)
+    assert (fused.fwd, fused.bwd) == ("all_gather", "reduce_scatter")
+    # one gathered copy feeding a replicated and a sharded consumer: gather, then f on top
+    chains = tensor_steps(Shard(1), [(R, False), (R, True)], 4)
+    assert [s.kind for s in chains[(R, False)]] == ["gather"]
+    assert [s.kind for s in chains[(R, True)]] == ["gather", "f"]
+
+
+def test_layout_steps_dp_to_tp_gathers_rows():
+    steps = layout_steps(Layout(4, 1, R), Layout(1, 4, R), META, requires_grad=True)
+    assert [(s.kind, s.fwd, s.bwd, s.dim, s.group) for s in steps] == [("gather_rows", "all_gather", None, 0, 4)]
+    (c,) = steps_comms(steps, META)
+    assert (c.kind, c.phase, c.nbytes, c.per_sample) == ("all_gather", "fwd", META.nbytes, True)
+
+
+def test_layout_steps_tp_gather_and_row_slice():
+    steps = layout_steps(Layout(2, 2, Shard(2)), Layout(2, 2, R), META, requires_grad=True)
+    assert [(s.kind, s.axis, s.fwd, s.bwd, s.dim, s.group) for s in steps] == [("gather", "tp", "all_gather", None, 2, 2)]
+    (c,) = steps_comms(steps, META)
+    assert c.nbytes == META.nbytes / 2  # one tp group gathers its dp block of rows
+    # dp 1 -> 4: a local row slice; the gradient rows are all-gathered back
+    steps = layout_steps(Layout(1, 4, R), Layout(4, 1, R), META, requires_grad=True)
+    assert [(s.kind, s.fwd, s.bwd, s.bwd_group) for s in steps] == [("slice_rows", None, "all_gather", 4)]
+    assert [c.phase for c in steps_comms(steps, META)] == ["bwd"]
+    assert steps_comms(steps, META, requires_grad=False) == ()
+    assert layout_steps(Layout(2, 2, Shard(1)), Layout(2, 2, Shard(1)), META, True) == ()
+
+
+def test_layout_steps_shared_weight_gradient_convention():
+    w = TensorMeta((100, 32), "torch.float32", 4, None)
+    steps = layout_steps(Layout(4, 1, R), Layout(2, 2, Shard(0)), w, requires_grad=True)
+    kinds = [s.kind for s in steps]
+    assert kinds == ["slice", "dp_grad"]
+    dp_grad = steps[-1]
+    assert (dp_grad.bwd, dp_grad.group, dp_grad.scale) == ("all_reduce", 2, 0.25)
+    comms = steps_comms(steps, w)
+    assert all(not c.per_sample for c in comms)
