@@ -15,7 +15,8 @@ class _CheckoutFinder:
     """In a plain checkout (nothing installed) fxplan.passes/.codegen/.models live in the repository's
     top-level folders. This finder maps exactly those three names there, so the checkout imports the
     same files as a wheel or an editable install, and nothing else of the repository root (bench/, a
-    second fxplan/) becomes part of the package. Installed, another finder answers first."""
+    second fxplan/) becomes part of the package. It goes first: whichever checkout `fxplan` itself
+    was imported from (an editable install's, or another one on PYTHONPATH) supplies its siblings."""
 
     def __init__(self, root: str):
         self.root = root
@@ -37,7 +38,7 @@ def _checkout_path() -> None:
     if _os.path.isdir(_os.path.join(here, "passes")) or not _os.path.isfile(_os.path.join(root, "passes", "__init__.py")):
         return  # a wheel, or fxplan/ copied without its sibling folders
     if not any(isinstance(f, _CheckoutFinder) for f in _sys.meta_path):
-        _sys.meta_path.append(_CheckoutFinder(root))
+        _sys.meta_path.insert(0, _CheckoutFinder(root))
 
 
 _checkout_path()
