@@ -61,7 +61,8 @@ def _device() -> torch.device:
 
 
 def _default_codegen():
-    from fxplan.codegen import collectives, emit, groups
+    from fxplan.codegen import emit
+    from fxplan.runtime import collectives, groups
 
     return SimpleNamespace(emit_rank=emit.emit_rank, groups=groups, collectives=collectives)
 

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
 
 import codegen_fixtures as fx_  # noqa: E402
 
-from fxplan.codegen import collectives, groups  # noqa: E402
+from fxplan.runtime import collectives, groups  # noqa: E402
 from fxplan.codegen.emit import emit_rank  # noqa: E402
 from fxplan.codegen.params import unshard  # noqa: E402
 from fxplan.plan import Strategy  # noqa: E402
