@@ -15,8 +15,8 @@ import torch
 import torch.fx as fx
 
 from fxplan.errors import UnsupportedOpError
-from fxplan.passes.ir import Shard
-from fxplan._torch import OpOverload, OpOverloadPacket, is_aten_op
+from fxplan.passes.ir import Shard, op_name
+from fxplan._torch import is_aten_op
 
 _FACTORIES = {"zeros", "ones", "empty", "full", "rand", "randn", "arange"}
 _SPLITS = {"split", "split_with_sizes"}
@@ -37,20 +37,6 @@ def local_shape(meta, placement, tp: int, rows_div: int) -> tuple[int, ...]:
             raise UnsupportedOpError(f"dim {d} of shape {tuple(meta.shape)} does not divide by tp={tp}")
         shape[d] //= tp
     return tuple(shape)
-
-
-def op_name(node: fx.Node) -> str:
-    """'view' for x.view(...), torch.reshape, aten.view.default, ... (the bare op name)."""
-    t = node.target
-    if node.op == "call_method":
-        return str(t)
-    if node.op != "call_function":
-        return ""
-    if isinstance(t, OpOverload):
-        return t._schema.name.split("::")[-1]
-    if isinstance(t, OpOverloadPacket):
-        return t._qualified_op_name.split("::")[-1]
-    return getattr(t, "__name__", "")
 
 
 def rewrite_shape_args(node: fx.Node, shape: tuple[int, ...], global_shape: tuple[int, ...]):

@@ -21,6 +21,11 @@ def is_aten_op(target) -> bool:
     return isinstance(target, (OpOverload, OpOverloadPacket))
 
 
+def op_argument_names(op: OpOverload) -> list[str]:
+    """The argument names of an aten op's schema, in call order."""
+    return [argument.name for argument in op._schema.arguments]
+
+
 # ---------------------------------------------------------------- graphs from torch.export
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fxplan.constraints import RUNNABLE_SCHEDULES, SCHEDULES
+
 EPILOG = """examples:
   fxplan plan --model gpt:layers=48,hidden=4096,heads=32,seq=2048 --batch 512 --cluster a100-80g:8x8 --json p.json
   fxplan plan --model llama:size=llama2-7b --batch 64 --cluster h100-80g:2x8 --pin pp=2,tp=4
@@ -52,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sched = sub.add_parser("schedule", help="simulate a pipeline schedule and report its bubble",
                            description="Simulate a pipeline schedule's per-rank action lists.")
-    sched.add_argument("--name", required=True, help="gpipe | 1f1b | interleaved-1f1b | zb-h1 | zb-h2 | zb-auto")
+    sched.add_argument("--name", required=True, help=" | ".join(SCHEDULES))
     sched.add_argument("--stages", required=True, type=int)
     sched.add_argument("--microbatches", required=True, type=int)
     sched.add_argument("--png", metavar="FILE")
@@ -103,7 +105,7 @@ def cmd_schedule(args) -> int:
         from fxplan import schedules  # noqa: F401
     except ImportError:
         raise FxplanError("the schedule simulator (fxplan.schedules) is not built yet in this version; "
-                          "`fxplan plan` already plans gpipe and 1f1b") from None
+                          f"`fxplan plan` already plans {' and '.join(RUNNABLE_SCHEDULES)}") from None
     r = schedules.simulate(args.name, stages=args.stages, microbatches=args.microbatches)
     print(f"{args.name}: stages={args.stages} microbatches={args.microbatches} bubble_rate={r.bubble_rate:.4f} "
           f"iteration_time={r.iteration_time:.3f} peak_activations={list(r.peak_activations)}")

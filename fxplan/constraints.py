@@ -7,6 +7,11 @@ from dataclasses import asdict, dataclass
 from fxplan.errors import ConstraintError
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h2", "zb-auto")
+"""Every pipeline schedule name fxplan knows: what Constraints.schedule may name."""
+RUNNABLE_SCHEDULES = ("1f1b", "gpipe")
+"""The schedules this version plans and runs (the cost model's memory model and the runtime both handle
+them), best first: 1F1B holds fewer microbatches' activations than GPipe for the same bubble, so with
+one stage, where the two cost the same, it is the one planned."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,6 +42,15 @@ class Constraints:
                 raise ConstraintError(f"Constraints.{field} must be True, False or None, got {value!r}")
         if self.schedule is not None and self.schedule not in SCHEDULES:
             raise ConstraintError(f"unknown schedule {self.schedule!r}; known: {', '.join(SCHEDULES)}")
+
+    def allows(self, **values) -> bool:
+        """Whether each named field is unpinned or pinned to the given value (e.g. allows(dp=2, tp=4)).
+        Every filter that honours a pin asks this, so a pin means the same thing everywhere."""
+        for name, value in values.items():
+            pin = getattr(self, name)
+            if pin is not None and pin != value:
+                return False
+        return True
 
     @classmethod
     def parse(cls, text: str) -> "Constraints":

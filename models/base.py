@@ -27,11 +27,22 @@ def check_positive(preset: str, **values: int) -> None:
 class Preset(nn.Module):
     """Base of the preset models: `forward(inputs, targets)` returns the scalar mean loss.
 
-    Subclasses set `preset` (registry name) and `self.config` (a frozen dataclass), and implement
-    `_example(batch, device, generator)`.
+    Subclasses set `preset` (registry name), pass their config (a frozen dataclass with a
+    `validate()`) to `__init__`, and implement `_example(batch, device, generator)`.
     """
 
     preset: str = "?"
+
+    def __init__(self, config):
+        super().__init__()
+        config.validate()  # before any layer is built from it
+        self.config = config
+
+    def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """x through the preset's repeated layers (`self.blocks`, an nn.ModuleList) in order."""
+        for block in self.blocks:
+            x = block(x)
+        return x
 
     def example_batch(self, batch: int, device=None, generator: torch.Generator | None = None):
         """(inputs, targets) for `batch` samples, on the model's device unless `device` is given."""

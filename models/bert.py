@@ -64,9 +64,7 @@ class Bert(Preset):
     preset = "bert"
 
     def __init__(self, cfg: BertConfig):
-        super().__init__()
-        cfg.validate()
-        self.config = cfg
+        super().__init__(cfg)
         self.word = Embedding(cfg.vocab, cfg.hidden)
         self.position = Embedding(cfg.seq, cfg.hidden)
         self.segment = Embedding(cfg.segments, cfg.hidden)
@@ -87,8 +85,7 @@ class Bert(Preset):
         # Segment 0 everywhere: row 0 of the segment table, broadcast (no zeros tensor / gather needed).
         x = self.word(tokens) + self.position.weight[:seq] + self.segment.weight[0]
         x = dropout(self.ln_embed(x), self.config.dropout, self.training)
-        for block in self.blocks:
-            x = block(x)
+        x = self.run_blocks(x)
         h = self.head_ln(F.gelu(self.head_dense(x)))
         weight = self.word.weight if self.decoder is None else self.decoder.weight
         logits = F.linear(h, weight, self.decoder_bias)

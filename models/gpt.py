@@ -72,9 +72,7 @@ class GPT(Preset):
     preset = "gpt"
 
     def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        cfg.validate()
-        self.config = cfg
+        super().__init__(cfg)
         self.wte = Embedding(cfg.vocab, cfg.hidden)
         self.wpe = Embedding(cfg.seq, cfg.hidden)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
@@ -85,8 +83,7 @@ class GPT(Preset):
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         # Positions 0..s-1 are a slice of the table: no arange / gather node needed.
         x = dropout(self.wte(tokens) + self.wpe.weight[: tokens.size(1)], self.config.dropout, self.training)
-        for block in self.blocks:
-            x = block(x)
+        x = self.run_blocks(x)
         x = self.ln_f(x)
         logits = F.linear(x, self.wte.weight) if self.lm_head is None else self.lm_head(x)
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))

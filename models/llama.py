@@ -103,9 +103,7 @@ class Llama(Preset):
     preset = "llama"
 
     def __init__(self, cfg: LlamaConfig):
-        super().__init__()
-        cfg.validate()
-        self.config = cfg
+        super().__init__(cfg)
         self.embed = Embedding(cfg.vocab, cfg.hidden)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.norm = RMSNorm(cfg.hidden, cfg.eps)
@@ -113,8 +111,7 @@ class Llama(Preset):
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         x = self.embed(tokens)
-        for block in self.blocks:
-            x = block(x)
+        x = self.run_blocks(x)
         logits = self.lm_head(self.norm(x))
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
 

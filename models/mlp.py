@@ -44,17 +44,14 @@ class MLP(Preset):
     preset = "mlp"
 
     def __init__(self, cfg: MLPConfig):
-        super().__init__()
-        cfg.validate()
-        self.config = cfg
+        super().__init__(cfg)
         self.inp = Linear(cfg.in_features, cfg.hidden)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.out = Linear(cfg.hidden, cfg.out_features)
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         x = F.gelu(self.inp(x))
-        for block in self.blocks:
-            x = block(x)
+        x = self.run_blocks(x)
         y = self.out(x)
         if self.config.loss == "mse":
             return F.mse_loss(y, targets)

@@ -72,9 +72,7 @@ class ViT(Preset):
     preset = "vit"
 
     def __init__(self, cfg: ViTConfig):
-        super().__init__()
-        cfg.validate()
-        self.config = cfg
+        super().__init__(cfg)
         self.patch_embed = Linear(cfg.channels * cfg.patch * cfg.patch, cfg.hidden)
         self.cls = nn.Parameter(torch.empty(1, 1, cfg.hidden))
         self.pos = nn.Parameter(torch.empty(1, cfg.seq, cfg.hidden))
@@ -97,8 +95,7 @@ class ViT(Preset):
         x = self.patch_embed(x)
         x = torch.cat([self.cls.expand(b, -1, -1), x], dim=1) + self.pos
         x = dropout(x, cfg.dropout, self.training)
-        for block in self.blocks:
-            x = block(x)
+        x = self.run_blocks(x)
         logits = self.head(self.ln_f(x)[:, 0])
         return F.cross_entropy(logits, labels)
 

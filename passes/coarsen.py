@@ -20,9 +20,8 @@ from collections import defaultdict
 import torch
 import torch.fx as fx
 
-from fxplan.passes.cost.flops import ATTENTION, CONV, MATMUL, node_flops, node_saved, op_name
-from fxplan.passes.ir import Layer, LayerEdge, LayerGraph, frozen_map
-from fxplan.passes.trace import Traced
+from fxplan.passes.cost.flops import ATTENTION, CONV, MATMUL, node_flops, node_saved
+from fxplan.passes.ir import Layer, LayerEdge, LayerGraph, Traced, frozen_map, out_of_place_name
 
 _INDEX_PATH = re.compile(r"^(.*)\.(\d+)$")
 
@@ -45,8 +44,8 @@ def coarsen(traced: Traced, granularity: int | None = None) -> LayerGraph:
         if granularity < len(ranges):
             ranges, names = _merge(ranges, names, weights, granularity)
         else:
-            ranges, names = _split(ranges, names, weights, granularity,
-                                   cuts if cuts is not None else _cut_points(body, pos))
+            ranges, names = _subdivide(ranges, names, weights, granularity,
+                                       cuts if cuts is not None else _cut_points(body, pos))
     return _build(traced, body, flops, ranges, _unique(names))
 
 
@@ -156,7 +155,7 @@ def _cut_points(body: list[fx.Node], pos: dict) -> list[int]:
 
 
 def _is_heavy(node: fx.Node) -> bool:
-    name = op_name(node)
+    name = out_of_place_name(node)
     return name in MATMUL or name in CONV or name in ATTENTION or node.op == "call_module"
 
 
@@ -231,7 +230,7 @@ def _merged_name(parts: list[str]) -> str:
     return f"{parts[0]}+{parts[-1]}" if len(parts) == 2 else f"{parts[0]}+..+{parts[-1]}"
 
 
-def _split(ranges, names, weights, target, cuts):
+def _subdivide(ranges, names, weights, target, cuts):
     """Split the heaviest layer that has a cut point inside, at its most balanced cut, until `target`
     layers (or no cut point is left: then fewer). Pieces of layer "x" are named "x/0", "x/1", ..."""
     ranges, bases = list(ranges), list(names)
@@ -354,7 +353,7 @@ def batch_coupling_op(node: fx.Node) -> str:
     """
     if node.op not in ("call_function", "call_method"):
         return ""
-    name = op_name(node)
+    name = out_of_place_name(node)
     if name not in _BATCH_NORMS:
         return ""
     training = node.kwargs.get("training", node.args[_TRAINING_ARG] if len(node.args) > _TRAINING_ARG else True)
@@ -389,5 +388,5 @@ def _signature(nodes: list[fx.Node], inside: set) -> str:
         if node.op == "get_attr":
             parts.append(f"attr{shape}")
         else:
-            parts.append(f"{node.op}:{op_name(node)}{shape}{ref(node.args)}{ref(node.kwargs)}")
+            parts.append(f"{node.op}:{out_of_place_name(node)}{shape}{ref(node.args)}{ref(node.kwargs)}")
     return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]

@@ -1,15 +1,22 @@
-"""Frozen values passed between the analysis passes (trace -> coarsen -> shard_prop -> cost -> solve).
+"""Frozen values passed between the analysis passes (trace -> coarsen -> shard_prop -> cost -> solve)
+and read by codegen, plus the one op-name normaliser every pass keys its op tables on.
 
-Everything here is plain data (no torch objects), prints as a short table and round-trips to JSON.
-Node names are torch.fx node names of the traced GraphModule; parameter names are the qualified
-names of `model.state_dict()` (= get_attr targets).
+Apart from `Traced` (which carries the traced GraphModule) everything here is plain data that prints
+as a short table. Node names are torch.fx node names of the traced GraphModule; parameter names are
+the qualified names of `model.state_dict()` (= get_attr targets).
 """
 
 from __future__ import annotations
 
+import math
+import operator
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
+
+import torch.fx as fx
+
+from fxplan._torch import OpOverload, OpOverloadPacket
 
 # ---------------------------------------------------------------- placements on one mesh axis
 
@@ -45,18 +52,47 @@ R = Replicate()
 P = Partial()
 
 
-def placement_from_str(text: str) -> Placement:
-    if text == "R":
-        return R
-    if text == "P":
-        return P
-    if text.startswith("S(") and text.endswith(")"):
-        return Shard(int(text[2:-1]))
-    raise ValueError(f"bad placement {text!r}")
-
-
 def frozen_map(data) -> Mapping:
     return MappingProxyType(dict(data))
+
+
+# ---------------------------------------------------------------- op names
+
+# Python operators in fx graphs, named as the torch function / aten op they compute.
+_OPERATOR_NAMES = {operator.add: "add", operator.sub: "sub", operator.mul: "mul", operator.truediv: "div",
+                   operator.floordiv: "floordiv", operator.matmul: "matmul", operator.neg: "neg",
+                   operator.pow: "pow", operator.getitem: "getitem", operator.iadd: "add",
+                   operator.imul: "mul", operator.mod: "remainder"}
+
+
+def op_name(node: fx.Node) -> str:
+    """One name for a node's op on both trace paths: 'linear' for F.linear and aten.linear.default,
+    'view' for x.view(...) and aten.view.default, 'add' for operator.add, 'module:Foo' for a leaf
+    module; the node's op ('placeholder', 'get_attr', 'output') for nodes that call nothing."""
+    target = node.target
+    if node.op == "call_method":
+        return str(target)
+    if node.op == "call_function":
+        if isinstance(target, OpOverload):
+            return target.overloadpacket.__name__
+        if isinstance(target, OpOverloadPacket):
+            return target.__name__
+        if target in _OPERATOR_NAMES:
+            return _OPERATOR_NAMES[target]
+        return getattr(target, "__name__", str(target))
+    if node.op == "call_module":
+        owner = node.graph.owning_module
+        return "module:" + type(owner.get_submodule(str(target))).__name__ if owner is not None else "module"
+    return node.op
+
+
+def out_of_place_name(node: fx.Node) -> str:
+    """op_name with in-place variants named as their out-of-place op ('add_' -> 'add'): they cost
+    and save the same. (Sharding rules keep in-place ops apart: they alias their input.)"""
+    name = op_name(node)
+    if name.endswith("_") and not name.endswith("__"):
+        name = name[:-1]
+    return name
 
 
 # ---------------------------------------------------------------- tensors and layers
@@ -73,14 +109,24 @@ class TensorMeta:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
         return self.numel * self.itemsize
+
+
+@dataclass(frozen=True)
+class Traced:
+    """The traced model (passes/trace.py): a runnable GraphModule plus the facts later passes need
+    about its values."""
+
+    gm: fx.GraphModule  # node.meta["val"] (meta tensor / tuple), ["fxplan_batch_dim"], ["nn_module_stack"]
+    method: str  # "fx" (symbolic tracing, torch callables) | "export" (torch.export, aten OpOverloads)
+    tensors: Mapping[str, TensorMeta]  # every tensor-valued node (params included, batch_dim None)
+    batch_size: int  # dim 0 of the example inputs (the global batch)
+    loss_node: str  # name of the node forward returns
+    placeholders: tuple[str, ...]  # graph inputs, in the order of example_inputs
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +203,7 @@ class TPSpec:
     label: str  # unique per (layer, tp), e.g. "R" for tp=1, "col>row", "row-emb"
     tp: int
     placements: Mapping[str, Placement]  # every node of the layer (get_attr included) -> output placement
-    arg_placements: Mapping[str, tuple]  # node -> placement each tensor arg must have when consumed
+    arg_placements: Mapping[str, tuple[Placement | None, ...]]  # node -> placement each tensor arg must have when consumed
     # (None for non-tensor args), flattened in the order of node.all_input_nodes
     input_placements: Mapping[str, Placement]  # layer input tensor -> placement wanted on entry (R or S)
     output_placements: Mapping[str, Placement]  # layer output tensor -> placement at exit (R or S, never P)
@@ -166,8 +212,16 @@ class TPSpec:
     param_numel: int  # parameters held per device (before FSDP)
     act_bytes: float  # saved activation bytes per device, whole global batch (before dp / microbatching)
 
-    def describe(self) -> str:
-        return f"tp={self.tp} {self.label} ({len(self.comms)} collectives)"
+    @classmethod
+    def replicated(cls, layer: Layer,
+                   arg_placements: Mapping[str, tuple[Placement | None, ...]] = MappingProxyType({})) -> TPSpec:
+        """tp = 1, every node replicated: the spec labelled "R" that every layer has. Without
+        `arg_placements` consumers take each tensor input as it arrives (R)."""
+        return cls(label="R", tp=1, placements=frozen_map({n: R for n in layer.nodes}),
+                   arg_placements=frozen_map(arg_placements),
+                   input_placements=frozen_map({t: R for t in layer.inputs}),
+                   output_placements=frozen_map({t: R for t in layer.outputs}), comms=(),
+                   flops=float(layer.flops), param_numel=int(layer.param_numel), act_bytes=float(layer.act_bytes))
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Alpha-beta times of collectives and matmul compute on a `fxplan.Cluster`, from figures only.
 
-Groups are lists of GLOBAL ranks, so the device placement decides the link: a group inside one
+Groups are lists of GLOBAL ranks (or their `GroupSpan`), so the device placement decides the link: a group inside one
 node runs on the intra-node bandwidth; a group spanning nodes runs hierarchically (intra-node
 phase on all the bytes, inter-node phase on 1/r of them over the r local members' own NICs, which
 is how NCCL's multi-ring/tree algorithms use one NIC per GPU). Every function returns seconds.
@@ -12,27 +12,37 @@ rank holds nbytes / n of it before and after).
 
 from __future__ import annotations
 
-import functools
 import math
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Sequence, Union
 
 from fxplan.cluster import Cluster
 
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
 
 
-def _split(cluster: Cluster, ranks: Sequence[int]) -> tuple[int, int]:
-    """(members per node r, nodes N) of a group; r is the largest per-node count (the slowest node)."""
-    return _split_cached(cluster, tuple(ranks))
+@dataclass(frozen=True, slots=True)
+class GroupSpan:
+    """How a group's ranks sit on the nodes: `size` ranks on `nodes` nodes, at most `per_node` of
+    them on one node (the slowest node). A collective's time depends on nothing else, so a planner
+    that prices thousands of groups keeps one span per distinct placement (cost/mesh.py)."""
+
+    size: int
+    per_node: int
+    nodes: int
 
 
-@functools.lru_cache(maxsize=8192)  # planners price the same few groups thousands of times
-def _split_cached(cluster: Cluster, ranks: tuple[int, ...]) -> tuple[int, int]:
+Group = Union[Sequence[int], GroupSpan]  # global ranks, or where they sit
+
+
+def group_span(cluster: Cluster, ranks: Group) -> GroupSpan:
+    if isinstance(ranks, GroupSpan):
+        return ranks
     per_node: dict[int, int] = {}
     for rank in ranks:
         node = cluster.node_of(rank)
         per_node[node] = per_node.get(node, 0) + 1
-    return max(per_node.values()), len(per_node)
+    return GroupSpan(size=len(ranks), per_node=max(per_node.values(), default=0), nodes=len(per_node))
 
 
 def _ring_phase(n: int, nbytes: float, bw: float, alpha: float, steps_per_peer: int) -> float:
@@ -42,26 +52,26 @@ def _ring_phase(n: int, nbytes: float, bw: float, alpha: float, steps_per_peer: 
     return steps_per_peer * ((n - 1) / n * nbytes / bw + (n - 1) * alpha)
 
 
-def all_reduce_time(cluster: Cluster, ranks: Sequence[int], nbytes: float) -> float:
+def all_reduce_time(cluster: Cluster, ranks: Group, nbytes: float) -> float:
     """Ring all-reduce: 2(n-1)/n * bytes / bw + 2(n-1) alpha (hierarchical across nodes)."""
     return _hier(cluster, ranks, nbytes, 2)
 
 
-def all_gather_time(cluster: Cluster, ranks: Sequence[int], nbytes: float) -> float:
+def all_gather_time(cluster: Cluster, ranks: Group, nbytes: float) -> float:
     """Ring all-gather of an `nbytes` output: (n-1)/n * bytes / bw + (n-1) alpha."""
     return _hier(cluster, ranks, nbytes, 1)
 
 
-def reduce_scatter_time(cluster: Cluster, ranks: Sequence[int], nbytes: float) -> float:
+def reduce_scatter_time(cluster: Cluster, ranks: Group, nbytes: float) -> float:
     """Ring reduce-scatter of an `nbytes` input: same traffic as all-gather."""
     return _hier(cluster, ranks, nbytes, 1)
 
 
-def _hier(cluster: Cluster, ranks: Sequence[int], nbytes: float, passes: int) -> float:
-    n = len(ranks)
+def _hier(cluster: Cluster, ranks: Group, nbytes: float, passes: int) -> float:
+    span = group_span(cluster, ranks)
+    n, r, nodes = span.size, span.per_node, span.nodes
     if n <= 1 or nbytes <= 0:
         return 0.0
-    r, nodes = _split(cluster, ranks)
     if nodes == 1:
         return _ring_phase(n, nbytes, cluster.intra_bw, cluster.intra_latency, passes)
     # Intra phase on everything, then N-node rings on each local member's 1/r slice in parallel.
@@ -69,17 +79,17 @@ def _hier(cluster: Cluster, ranks: Sequence[int], nbytes: float, passes: int) ->
             + _ring_phase(nodes, nbytes / r, cluster.inter_bw, cluster.inter_latency, passes))
 
 
-def all_to_all_time(cluster: Cluster, ranks: Sequence[int], nbytes: float) -> float:
+def all_to_all_time(cluster: Cluster, ranks: Group, nbytes: float) -> float:
     """Each rank sends (n-1)/n of its nbytes/n slice: (n-1)/n * (nbytes/n) / bw + (n-1) alpha.
 
     Across nodes the off-node part goes over the NIC and the on-node part over the intra links,
     one after the other (conservative).
     """
-    n = len(ranks)
+    span = group_span(cluster, ranks)
+    n, r, nodes = span.size, span.per_node, span.nodes
     if n <= 1 or nbytes <= 0:
         return 0.0
     local = nbytes / n
-    r, nodes = _split(cluster, ranks)
     if nodes == 1:
         return (n - 1) / n * local / cluster.intra_bw + (n - 1) * cluster.intra_latency
     on_node, off_node = (r - 1) / n * local, (n - r) / n * local
@@ -104,7 +114,7 @@ _BY_KIND = {
 }
 
 
-def collective_time(cluster: Cluster, kind: str, ranks: Sequence[int], nbytes: float) -> float:
+def collective_time(cluster: Cluster, kind: str, ranks: Group, nbytes: float) -> float:
     """Time of one collective `kind` (see COLLECTIVES) of an `nbytes` full buffer on `ranks`."""
     try:
         fn = _BY_KIND[kind]
@@ -129,13 +139,6 @@ def efficiency(cluster: Cluster, size: float) -> float:
 def matmul_size(m: float, n: float, k: float) -> float:
     """Geometric mean of a matmul's dims, the `size` that `efficiency` takes."""
     return math.exp((math.log(max(m, 1.0)) + math.log(max(n, 1.0)) + math.log(max(k, 1.0))) / 3)
-
-
-def compute_time(cluster: Cluster, flops: float, size: float) -> float:
-    """flops / (peak_flops * efficiency(size))."""
-    if flops <= 0:
-        return 0.0
-    return flops / (cluster.peak_flops * efficiency(cluster, size))
 
 
 def linear_flops(m: int, n: int, k: int) -> float:

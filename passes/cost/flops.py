@@ -3,7 +3,7 @@
 Works on both graphs trace() produces: torch-level callables and methods (fx path: F.linear,
 torch.matmul, operator.add, "view", ...) and aten OpOverloads (export path: aten.linear.default,
 aten.addmm.default, aten.scaled_dot_product_attention.default, ...). Both are reduced to one op name
-(`op_name`) and looked up in the tables below. Numbers are for the whole example (global) batch.
+(`passes.ir.out_of_place_name`) and looked up in the tables below. Numbers are for the whole example (global) batch.
 
 FLOP model (forward only; a multiply-add counts 2):
 - matmuls: linear / matmul / mm / bmm / addmm / baddbmm / einsum: 2*m*n*k (+ m*n for a bias);
@@ -32,11 +32,12 @@ consumers once (coarsen does).
 from __future__ import annotations
 
 import math
-import operator
 
 import torch
 import torch.fx as fx
-from fxplan._torch import OpOverload
+
+from fxplan.passes.ir import out_of_place_name
+from fxplan._torch import OpOverload, op_argument_names
 
 MATMUL = {"linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "addbmm", "einsum", "addmv", "mv", "dot"}
 CONV = {"conv1d", "conv2d", "conv3d", "convolution", "_convolution"}
@@ -74,35 +75,6 @@ SAVES_INPUT = {"gelu", "silu", "erf", "pow", "log", "sin", "cos", "softplus", "m
                "expm1", "selu", "celu", "hardswish", "logsigmoid", "leaky_relu", "abs"}
 SAVES_OPERANDS = {"mul", "div", "truediv", "true_divide", "matmul_", "maximum", "minimum"}
 
-_OPERATOR_NAMES = {operator.add: "add", operator.sub: "sub", operator.mul: "mul", operator.truediv: "div",
-                   operator.floordiv: "floordiv", operator.matmul: "matmul", operator.neg: "neg",
-                   operator.pow: "pow", operator.getitem: "getitem", operator.iadd: "add",
-                   operator.imul: "mul", operator.mod: "remainder"}
-
-
-def op_name(node: fx.Node) -> str:
-    """One name for the op of a node on either path: 'linear', 'add', 'view', 'module:Foo', ..."""
-    target = node.target
-    if node.op == "call_method":
-        name = str(target)
-    elif node.op == "call_function":
-        if isinstance(target, OpOverload):
-            name = target.overloadpacket.__name__
-        elif target in _OPERATOR_NAMES:
-            name = _OPERATOR_NAMES[target]
-        else:
-            name = getattr(target, "__name__", str(target))
-    elif node.op == "call_module":
-        return "module:" + type(node.graph.owning_module.get_submodule(str(target))).__name__ \
-            if node.graph.owning_module is not None else "module"
-    else:
-        return node.op
-    # In-place variants (add_, mul_) cost and save like their out-of-place ops.
-    if name.endswith("_") and not name.endswith("__"):
-        name = name[:-1]
-    return name
-
-
 # ---------------------------------------------------------------- helpers on meta values
 
 
@@ -113,10 +85,6 @@ def _val(x):
 def _tensor(x) -> torch.Tensor | None:
     v = _val(x)
     return v if isinstance(v, torch.Tensor) else None
-
-
-def _numel(t: torch.Tensor | None) -> int:
-    return int(t.numel()) if t is not None else 0
 
 
 def _nbytes(t: torch.Tensor | None) -> int:
@@ -140,7 +108,7 @@ def _arg(node: fx.Node, index: int, name: str, default=None):
     if name in node.kwargs:
         return node.kwargs[name]
     if isinstance(node.target, OpOverload):
-        names = [a.name for a in node.target._schema.arguments]
+        names = op_argument_names(node.target)
         if name not in names:
             return default
         index = names.index(name)
@@ -156,7 +124,7 @@ def node_flops(node: fx.Node) -> float:
     """Forward FLOPs of `node` for the whole example batch (see the module docstring)."""
     if node.op in ("placeholder", "get_attr", "output"):
         return 0.0
-    name = op_name(node)
+    name = out_of_place_name(node)
     out = _out(node)
     if name in MATMUL:
         return _matmul_flops(node, name, out)
@@ -169,25 +137,25 @@ def node_flops(node: fx.Node) -> float:
         params = sum(p.numel() for p in mod.parameters())
         if out is None:
             return 0.0
-        rows = _numel(out) / max(out.shape[-1], 1) if out.dim() else 1
-        return float(2 * params * rows) if params else float(_numel(out))
+        rows = math.prod(out.shape) / max(out.shape[-1], 1) if out.dim() else 1
+        return float(2 * params * rows) if params else float(math.prod(out.shape))
     if name in FREE or out is None or not (out.is_floating_point() or out.is_complex()):
         return 0.0
     if name in NORM5 or name in SOFTMAX:
-        return 5.0 * _numel(out)
+        return 5.0 * math.prod(out.shape)
     if name in NORM4:
-        return 4.0 * _numel(out)
+        return 4.0 * math.prod(out.shape)
     if name in LOSS:
         logits = _tensor(node.args[0]) if node.args else None
-        return 5.0 * _numel(logits)
+        return 5.0 * math.prod(logits.shape) if logits is not None else 0.0
     if name in TRANSCENDENTAL:
-        return 4.0 * _numel(out)
+        return 4.0 * math.prod(out.shape)
     if name in REDUCE:
         src = _tensor(node.args[0]) if node.args else None
-        return float(_numel(src))
+        return float(math.prod(src.shape)) if src is not None else 0.0
     if name == "dropout":
-        return float(_numel(out)) if _dropout_active(node) else 0.0
-    return float(_numel(out))
+        return float(math.prod(out.shape)) if _dropout_active(node) else 0.0
+    return float(math.prod(out.shape))
 
 
 def _matmul_flops(node: fx.Node, name: str, out) -> float:
@@ -200,15 +168,15 @@ def _matmul_flops(node: fx.Node, name: str, out) -> float:
         x = _tensor(node.args[0])
         k = x.shape[-1] if x is not None and x.dim() else 1
         bias = _arg(node, 2, "bias")
-        return 2.0 * _numel(out) * k + (_numel(out) if bias is not None else 0)
+        return 2.0 * math.prod(out.shape) * k + (math.prod(out.shape) if bias is not None else 0)
     if name in ("addmm", "baddbmm", "addbmm", "addmv"):
         a = _tensor(node.args[1])
         k = a.shape[-1] if a is not None and a.dim() else 1
-        return 2.0 * _numel(out) * k + _numel(out)
+        return 2.0 * math.prod(out.shape) * k + math.prod(out.shape)
     # matmul / mm / bmm / mv / dot: the contracted dim is the first operand's last dim.
     a = tensors[0] if tensors else None
     k = a.shape[-1] if a is not None and a.dim() else 1
-    return 2.0 * max(_numel(out), 1) * k
+    return 2.0 * max(math.prod(out.shape), 1) * k
 
 
 def _einsum_flops(node: fx.Node) -> float:
@@ -221,7 +189,8 @@ def _einsum_flops(node: fx.Node) -> float:
     for letters, op in zip(lhs, operands):
         t = _tensor(op)
         if t is None or "." in letters:
-            return float(_numel(_out(node)))
+            out = _out(node)
+            return float(math.prod(out.shape)) if out is not None else 0.0
         for letter, size in zip(letters, t.shape):
             sizes[letter] = int(size)
     return 2.0 * math.prod(sizes.values())
@@ -233,9 +202,9 @@ def _conv_flops(node: fx.Node, out) -> float:
         return 0.0
     kernel = math.prod(weight.shape[2:])
     in_per_group = weight.shape[1]
-    flops = 2.0 * _numel(out) * in_per_group * kernel
+    flops = 2.0 * math.prod(out.shape) * in_per_group * kernel
     bias = _arg(node, 2, "bias")
-    return flops + (_numel(out) if bias is not None else 0)
+    return flops + (math.prod(out.shape) if bias is not None else 0)
 
 
 def _attention_flops(node: fx.Node) -> float:
@@ -270,7 +239,7 @@ def node_saved(node: fx.Node) -> tuple[tuple[fx.Node, ...], float]:
     """(activation nodes this node keeps for backward, extra bytes of internal buffers it keeps)."""
     if node.op in ("placeholder", "get_attr", "output"):
         return (), 0.0
-    name = op_name(node)
+    name = out_of_place_name(node)
     acts = [a for a in _tensor_args(node) if _is_activation(a)]
     out = _out(node)
     self_saved = (node,) if _is_activation(node) else ()
@@ -285,7 +254,7 @@ def node_saved(node: fx.Node) -> tuple[tuple[fx.Node, ...], float]:
         return qkv + self_saved, lse + out_bytes
     if name in NORM5 or name in NORM4:
         src = acts[:1]
-        rows = _numel(out) / out.shape[-1] if out is not None and out.dim() else 0
+        rows = math.prod(out.shape) / out.shape[-1] if out is not None and out.dim() else 0
         return tuple(src), 8.0 * rows
     if name in SAVES_OUTPUT:
         return self_saved, (0.0 if self_saved or not acts else float(_nbytes(out)))
@@ -294,7 +263,7 @@ def node_saved(node: fx.Node) -> tuple[tuple[fx.Node, ...], float]:
     if name in SAVES_OPERANDS:
         return tuple(acts), 0.0
     if name == "dropout":
-        return (), float(_numel(out)) if _dropout_active(node) else 0.0
+        return (), float(math.prod(out.shape)) if out is not None and _dropout_active(node) else 0.0
     if name in LOSS:
         logits = _tensor(node.args[0]) if node.args else None
         # The log-softmax of the logits is internal to the loss; the targets are an input.

@@ -1,64 +1,30 @@
 """Cost tables: per layer and strategy, time and memory of one microbatch on one device, as a Problem.
 
 `CostModel(layer_graph, space, cluster, batch_size, constraints)` prices every strategy that
-`passes.enumerate.layer_strategies` lists for a stage of n/pp devices and hands `passes.problem`
-arrays to the planners (miqp, grid, exhaustive all read the same arrays and score with the same
-`passes.problem.evaluate`).
+`passes.cost.strategies.layer_strategies` lists for a stage of n/pp devices and hands
+`passes.solve.problem` arrays to the planners (miqp, grid, exhaustive all read the same arrays and
+score with the same `passes.solve.problem.evaluate`).
 
-Device placement: stage i owns ranks [i*n_s, (i+1)*n_s), tp innermost (rank = base + d*tp + t), so
-a tp group of size <= devices_per_node stays inside one node and dp groups span nodes once
-n_s > devices_per_node. A layer's arrays cannot depend on its stage, so every collective is priced
-on the slowest group of its kind over all stages (identical when stages are alike).
-
-Everything the layer graph gives for the traced (example) batch is rescaled per sample, so one
-graph plans any global batch; float tensors are re-priced at the cluster's training precision
-(`Cluster.dtype_bytes`), e.g. a float32-traced meta model trained in bf16.
+Where the collectives run: cost/mesh.py. What one spec costs per sample: cost/spec_facts.py (rescaled
+from the traced batch, at the cluster's training precision). Tensors between layers:
+cost/tensor_pricing.py.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from types import MappingProxyType
 
 import numpy as np
 
 from fxplan.cluster import Cluster
 from fxplan.constraints import Constraints
-from fxplan.passes.cost import collectives as cc
+from fxplan.passes.cost.mesh import StageMesh
+from fxplan.passes.cost.spec_facts import SpecFacts, inv_efficiency_ratio, matmul_numel, param_tensors, spec_facts
 from fxplan.passes.cost.strategies import layer_strategies
-from fxplan.passes.ir import R, LayerGraph, Shard, StrategySpace, TensorMeta, TPSpec
+from fxplan.passes.cost.tensor_pricing import TensorPricer
+from fxplan.passes.ir import R, LayerGraph, StrategySpace, TPSpec, frozen_map
 from fxplan.passes.solve.problem import Edge, Problem
-from fxplan.passes.sharding.redistribute import Layout, layout_steps
 from fxplan.plan import Strategy
-
-
-def _is_float(meta: TensorMeta) -> bool:
-    return "float" in meta.dtype  # covers float16/32/64, bfloat16 (complex never trains here)
-
-
-def _norm(name: str) -> str:
-    # fx names a get_attr node after its target with '.' -> '_' (and camelCase -> snake_case);
-    # comparing alphanumerics only matches "h.0.attn.weight" with node "h_0_attn_weight".
-    return re.sub(r"[^0-9a-z]", "", name.lower())
-
-
-@dataclass(frozen=True)
-class _SpecFacts:
-    """What pricing one TPSpec needs, independent of pp / microbatches; hashable, so equal facts
-    (identical layers) share cache entries and produce identical arrays."""
-
-    label: str
-    tp: int
-    flops: float  # fwd FLOPs per device, per traced sample
-    param_numel: int  # per device (tp-local), before FSDP
-    act_bytes: float  # saved activations per device, per traced sample, training precision
-    comms: tuple[tuple[str, str, float, bool, str], ...]  # (kind, axis, bytes, per_sample, phase)
-    weights: tuple[tuple[int, int], ...]  # tp-local [out, in] of the layer's matmul weights
-    hidden: int  # last dim of the layer's main activation (fallback matmul size)
-    rows_per_sample: float  # matmul rows (tokens) per sample
-    input_bytes: float  # per device per sample, training precision: what recompute keeps
-    input_fixed_bytes: float  # batch-independent inputs (masks), kept whole
 
 
 @dataclass(frozen=True)
@@ -88,8 +54,8 @@ class CostModel:
         self.constraints = constraints or Constraints()
         self.space = _with_replicated_specs(layer_graph, space)
         self.world = cluster.world_size
-        self._facts: dict[tuple[int, int, str], _SpecFacts] = {}
-        self._fact_ids: dict[_SpecFacts, int] = {}  # equal facts -> one small id (cheap keys)
+        self._facts: dict[tuple[int, int, str], SpecFacts] = {}
+        self._fact_ids: dict[SpecFacts, int] = {}  # equal facts -> one small id (cheap keys)
         self._spec_ids: dict[tuple[int, int, str], int] = {}
         self._specs: dict[tuple[int, int, str], TPSpec] = {
             (u, tp, spec.label): spec for (u, tp), specs in self.space.specs.items() for spec in specs}
@@ -99,11 +65,11 @@ class CostModel:
         self._tables: dict[tuple[int, int], tuple] = {}  # (pp, c) -> (arrays, edges): schedule-free
         self._strategies: dict[tuple[int, int | None], tuple[tuple[Strategy, ...], ...]] = {}
         self._arrays: dict[tuple, _Arrays] = {}
-        self._groups: dict[tuple[int, int, int], tuple[tuple[int, ...], ...]] = {}
         self._edge_cache: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
-        self._pricer = _TensorPricer(self)
+        self.mesh = StageMesh(cluster)
+        self._pricer = TensorPricer(cluster, self.mesh, self.batch_size / layer_graph.batch_size)
         self._params = param_tensors(layer_graph)
-        self._twins: dict[tuple, _SpecFacts] = {}
+        self._twins: dict[tuple, SpecFacts] = {}
         self._contents: dict[int, tuple[int, ...]] = {}
         self._strategy_labels: dict[tuple[int, int | None], tuple[tuple[str, ...], ...]] = {}
         self._edge_ids: dict = {}  # LayerEdge -> edge content id
@@ -142,9 +108,7 @@ class CostModel:
         pp does not divide the devices or exceeds the layers, the batch does not split into
         microbatches x dp, or the constraints' pins rule it (or every strategy of a layer) out."""
         pins = self.constraints
-        if (pins.pp is not None and pp != pins.pp) or (pins.microbatches is not None and microbatches != pins.microbatches):
-            return None
-        if pins.schedule is not None and schedule != pins.schedule:
+        if not pins.allows(pp=pp, microbatches=microbatches, schedule=schedule):
             return None
         if pp < 1 or self.world % pp or pp > len(self.graph.layers):
             return None
@@ -178,10 +142,6 @@ class CostModel:
         problem = self.problem(pp, microbatches, schedule)
         return None if problem is None else (problem, self.strategies(pp, microbatches))
 
-    def stage_devices(self, pp: int, stage: int) -> tuple[int, ...]:
-        n_s = self.world // pp
-        return tuple(range(stage * n_s, (stage + 1) * n_s))
-
     def assumptions(self) -> dict:
         """What the estimates assume, recorded in the Plan."""
         c = self.cluster
@@ -202,44 +162,8 @@ class CostModel:
             "batch_size": self.batch_size,
         }
 
-    # ------------------------------------------------------------ groups and collectives
-    def strided_groups(self, size: int, stride: int, n_s: int) -> tuple[tuple[int, ...], ...]:
-        """One representative per distinct (members per node, nodes) split among all groups of
-        `size` ranks `stride` apart inside every stage of n_s devices."""
-        key = (n_s, size, stride)
-        if key not in self._groups:
-            seen: dict[tuple[int, int], tuple[int, ...]] = {}
-            span = size * stride
-            for base in range(0, self.world, n_s):
-                for block in range(base, base + n_s - span + 1, span):
-                    for t in range(stride):
-                        g = tuple(block + t + j * stride for j in range(size))
-                        seen.setdefault(cc._split(self.cluster, g), g)
-            self._groups[key] = tuple(seen.values())
-        return self._groups[key]
-
-    def groups(self, n_s: int, tp: int, axis: str) -> tuple[tuple[int, ...], ...]:
-        """Representative groups of a (n_s / tp) x tp stage mesh: axis "tp" (adjacent ranks), "dp"
-        (ranks tp apart) or anything else for the whole stage."""
-        if axis == "tp":
-            return self.strided_groups(tp, 1, n_s)
-        if axis == "dp":
-            return self.strided_groups(n_s // tp, tp, n_s)
-        return self.strided_groups(n_s, 1, n_s)
-
-    def comm_time(self, kind: str, n_s: int, tp: int, axis: str, nbytes: float) -> float:
-        """Slowest group of `axis` doing `kind` on `nbytes` (full buffer)."""
-        return max(cc.collective_time(self.cluster, kind, g, nbytes) for g in self.groups(n_s, tp, axis))
-
-    def boundary_pair(self, n_s: int) -> tuple[int, int]:
-        """The (sender, receiver) rank pair of the slowest pipeline boundary: inter-node if any is."""
-        for rank in range(self.world - n_s):
-            if self.cluster.node_of(rank) != self.cluster.node_of(rank + n_s):
-                return rank, rank + n_s
-        return 0, min(n_s, self.world - 1)
-
     # ------------------------------------------------------------ per layer
-    def facts(self, u: int, tp: int, label: str) -> _SpecFacts:
+    def facts(self, u: int, tp: int, label: str) -> SpecFacts:
         key = (u, tp, label)
         if key not in self._facts:
             layer, spec = self.graph.layers[u], self._specs[key]
@@ -253,7 +177,7 @@ class CostModel:
                 # params? Its tp=1 spec holds more than the layer owns exactly then.
                 replicated = self.space.for_layer(u, 1)
                 counts_shared = bool(replicated) and replicated[0].param_numel > layer.param_numel
-                facts = _spec_facts(self.graph, u, spec, self.cluster, counts_shared, self._params)
+                facts = spec_facts(self.graph, u, spec, self.cluster, counts_shared, self._params)
                 if twin:
                     self._twins[twin] = facts
             self._facts[key] = facts
@@ -284,25 +208,25 @@ class CostModel:
             self._arrays[key] = cached
         return cached
 
-    def _strategy_cost(self, f: _SpecFacts, dp: int, fsdp: bool, recompute: bool, n_s: int, c: int):
+    def _strategy_cost(self, f: SpecFacts, dp: int, fsdp: bool, recompute: bool, n_s: int, c: int):
         """(fwd, bwd, wgt, sync, mem_fixed, mem_act) of one strategy, one microbatch, one device."""
         cl = self.cluster
         samples = self.batch_size / (c * dp)  # per device per microbatch
         flops = f.flops * samples
-        t_f = flops / cl.peak_flops * _inv_eff_ratio(cl, f, f.rows_per_sample * samples)
+        t_f = flops / cl.peak_flops * inv_efficiency_ratio(cl, f, f.rows_per_sample * samples)
         # Weight-gradient FLOPs equal the weight matmuls' forward FLOPs; the rest of backward is B.
-        w_frac = min(1.0, 2.0 * f.rows_per_sample * samples * _matmul_numel(f) / flops) if flops > 0 else 0.0
+        w_frac = min(1.0, 2.0 * f.rows_per_sample * samples * matmul_numel(f) / flops) if flops > 0 else 0.0
         t_b, t_w = t_f * (2.0 - w_frac), t_f * w_frac
         comm = {"fwd": 0.0, "bwd": 0.0}
         for kind, axis, nbytes, per_sample, phase in f.comms:
             size = nbytes * samples if per_sample else nbytes
-            comm[phase] += self.comm_time(kind, n_s, f.tp, axis, size)
+            comm[phase] += self.mesh.comm_time(kind, n_s, f.tp, axis, size)
         param_bytes = f.param_numel * cl.dtype_bytes
-        gather = self.comm_time("all_gather", n_s, f.tp, "dp", param_bytes) if fsdp else 0.0
+        gather = self.mesh.comm_time("all_gather", n_s, f.tp, "dp", param_bytes) if fsdp else 0.0
         fwd = t_f + comm["fwd"] + gather
         bwd = t_b + comm["bwd"] + gather + ((t_f + comm["fwd"]) if recompute else 0.0)
         if dp > 1:
-            sync = self.comm_time("reduce_scatter" if fsdp else "all_reduce", n_s, f.tp, "dp", param_bytes)
+            sync = self.mesh.comm_time("reduce_scatter" if fsdp else "all_reduce", n_s, f.tp, "dp", param_bytes)
         else:
             sync = 0.0
         per_param = 2 * cl.dtype_bytes + cl.optimizer_bytes_per_param  # weights, grads, optimizer
@@ -379,67 +303,6 @@ class CostModel:
 # ---------------------------------------------------------------- one tensor between two layouts
 
 
-class _TensorPricer:
-    """Time (one microbatch, fwd + bwd) of moving one tensor between layouts (dp, tp, placement)."""
-
-    def __init__(self, model: CostModel):
-        self.model = model
-        self._cache: dict[tuple, float] = {}
-
-    def local_bytes(self, meta: TensorMeta, layout, c: int) -> float:
-        """Bytes one device holds of `meta` for one microbatch under `layout`."""
-        dp, tp, placement = layout
-        m = self.model
-        nbytes = meta.nbytes * _precision_ratio(m.cluster, meta)
-        if meta.batch_dim is not None:
-            nbytes *= m.batch_size / m.graph.batch_size / (c * dp)
-        if isinstance(placement, Shard):
-            nbytes /= tp
-        return nbytes
-
-    def send(self, meta: TensorMeta, layout, n_s: int, c: int) -> float:
-        """p2p of the local tensor across a stage boundary: activation forward, gradient backward."""
-        key = ("send", meta, layout, n_s, c)
-        if key not in self._cache:
-            src, dst = self.model.boundary_pair(n_s)
-            t = cc.p2p_time(self.model.cluster, src, dst, self.local_bytes(meta, layout, c))
-            self._cache[key] = t * (2 if _is_float(meta) else 1)
-        return self._cache[key]
-
-    def reshard(self, meta: TensorMeta, out, inn, n_s: int, c: int) -> float:
-        """Conversion from the src layer's output layout to what the dst layer wants: the steps of
-        `passes.redistribute.layout_steps` (the same ones codegen emits), priced on their groups."""
-        if out == inn:
-            return 0.0
-        key = ("reshard", meta, out, inn, n_s, c)
-        if key not in self._cache:
-            src, dst = Layout(*out), Layout(*inn)
-            grad = _is_float(meta)
-            total = 0.0
-            for step in layout_steps(src, dst, meta, grad):
-                if step.fwd:
-                    total += self._step_time(step.fwd, step, step.group, src.tp, meta, step.fwd_bytes, n_s, c)
-                if step.bwd and grad:
-                    fraction = 1.0 if step.kind == "dp_grad" else step.bwd_bytes
-                    total += self._step_time(step.bwd, step, step.bwd_group or step.group, dst.tp, meta,
-                                             fraction, n_s, c, batched=step.kind != "dp_grad")
-            self._cache[key] = total
-        return self._cache[key]
-
-    def _step_time(self, kind: str, step, group: int, tp: int, meta: TensorMeta, fraction: float, n_s: int,
-                   c: int, batched: bool = True) -> float:
-        """One collective of a layout step. Buffer = fraction of the global tensor (see
-        redistribute.steps_comms), one microbatch of it. Groups: tp steps on `group` adjacent ranks;
-        dp steps on `group` ranks `tp` apart (forward ones in the source mesh, backward ones in the
-        destination mesh, hence the caller's `tp`)."""
-        if group <= 1 or fraction <= 0:
-            return 0.0
-        m = self.model
-        nbytes = meta.nbytes * fraction * _precision_ratio(m.cluster, meta)
-        if batched and meta.batch_dim is not None:
-            nbytes *= m.batch_size / m.graph.batch_size / c
-        stride = 1 if step.axis == "tp" else tp
-        return max(cc.collective_time(m.cluster, kind, g, nbytes) for g in m.strided_groups(group, stride, n_s))
 
 
 # ---------------------------------------------------------------- helpers
@@ -455,17 +318,8 @@ def _placement(placements, name):
     return placements.get(name, R)
 
 
-def _matmul_numel(f: _SpecFacts) -> float:
-    return float(sum(n * k for n, k in f.weights)) if f.weights else float(f.param_numel)
 
 
-def _inv_eff_ratio(cluster: Cluster, f: _SpecFacts, m: float) -> float:
-    """1 / efficiency of the layer's matmuls at m rows, weighted by their FLOPs (n*k each)."""
-    dims = f.weights or ((max(f.param_numel // max(f.hidden, 1), f.hidden), f.hidden),)
-    total = sum(n * k for n, k in dims)
-    if total <= 0:
-        return 1.0 / cc.efficiency(cluster, cc.matmul_size(m, f.hidden, f.hidden))
-    return sum(n * k / total / cc.efficiency(cluster, cc.matmul_size(m, n, k)) for n, k in dims)
 
 
 def _with_replicated_specs(graph: LayerGraph, space: StrategySpace) -> StrategySpace:
@@ -475,81 +329,11 @@ def _with_replicated_specs(graph: LayerGraph, space: StrategySpace) -> StrategyS
         return space
     specs = dict(space.specs)
     for layer in missing:
-        specs[(layer.index, 1)] = (TPSpec(
-            label="R", tp=1, placements=MappingProxyType({n: R for n in layer.nodes}),
-            arg_placements=MappingProxyType({}), input_placements=MappingProxyType({t: R for t in layer.inputs}),
-            output_placements=MappingProxyType({t: R for t in layer.outputs}), comms=(),
-            flops=layer.flops, param_numel=layer.param_numel, act_bytes=layer.act_bytes),)
-    return StrategySpace(specs=MappingProxyType(specs))
+        specs[(layer.index, 1)] = (TPSpec.replicated(layer),)
+    return StrategySpace(specs=frozen_map(specs))
 
 
-def _precision_ratio(cluster: Cluster, meta: TensorMeta) -> float:
-    return cluster.dtype_bytes / meta.itemsize if _is_float(meta) else 1.0
 
 
-def param_tensors(graph: LayerGraph) -> frozenset[str]:
-    """Tensor (node) names of parameters that cross layers: the get_attr nodes of shared params."""
-    shared = {_norm(p) for p in graph.shared_params}
-    return frozenset(t for t in graph.tensors if _norm(t) in shared)
 
 
-def _spec_facts(graph: LayerGraph, u: int, spec: TPSpec, cluster: Cluster, counts_shared: bool,
-                params: frozenset[str]) -> _SpecFacts:
-    layer = graph.layers[u]
-    per_sample = 1.0 / graph.batch_size
-    metas = [(t, graph.tensors[t]) for t in (*layer.inputs, *layer.outputs) if t in graph.tensors]
-    floats = [m for _, m in metas if _is_float(m)]
-    ratio = cluster.dtype_bytes / floats[0].itemsize if floats else 1.0
-    main = next((m for m in floats if m.batch_dim is not None and m.shape), floats[0] if floats else None)
-    hidden = int(main.shape[-1]) if main is not None and main.shape else 1
-    if main is not None and main.batch_dim is not None:
-        rows_per_sample = main.numel / max(hidden, 1) / graph.batch_size
-    else:
-        rows_per_sample = 1.0
-    # Matmul weights: the layer's 2-D parameters (owned or shared) whose forward FLOPs fit in the
-    # layer's (an embedding table is 2-D too, but its lookup does no matmul, so it is dropped).
-    used = set(layer.params) | {p for p, users in graph.shared_params.items() if u in users}
-    by_norm = {_norm(n): n for n in (*layer.nodes, *layer.inputs)}
-    weights = []
-    budget = spec.flops * per_sample * 1.05
-    for p in sorted(used):
-        node = by_norm.get(_norm(p))
-        meta = graph.tensors.get(node) if node else None
-        if meta is None or len(meta.shape) != 2:
-            continue
-        shape = list(meta.shape)
-        placement = spec.placements.get(node, spec.input_placements.get(node, R))
-        if isinstance(placement, Shard) and spec.tp > 1:
-            shape[placement.dim] = max(1, shape[placement.dim] // spec.tp)
-        if 2.0 * rows_per_sample * shape[0] * shape[1] <= budget:
-            weights.append((int(shape[0]), int(shape[1])))
-    # A weight tied to an earlier layer's (GPT's head) arrives as an input but never travels between
-    # stages: this layer's stage holds its own copy (codegen/split.py) and the runtime sums the
-    # gradients. Charge the copy here (weights, grads, optimizer state, sync) unless the spec counts
-    # it already; on a shared stage this over-counts it once, the safe side of memory.
-    shared_in = params & frozenset(layer.inputs)
-    extra_params = 0
-    input_bytes = input_fixed = 0.0
-    for t in layer.inputs:
-        meta = graph.tensors.get(t)
-        if meta is None:
-            continue
-        local = meta.nbytes * _precision_ratio(cluster, meta)
-        if isinstance(spec.input_placements.get(t, R), Shard):
-            local /= spec.tp
-        if t in shared_in:
-            if not counts_shared:
-                extra_params += int(round(local / (meta.itemsize * _precision_ratio(cluster, meta))))
-            continue
-        if meta.batch_dim is None:
-            input_fixed += local
-        else:
-            input_bytes += local * per_sample
-    return _SpecFacts(
-        label=spec.label, tp=spec.tp, flops=spec.flops * per_sample, param_numel=int(spec.param_numel) + extra_params,
-        act_bytes=spec.act_bytes * per_sample * ratio,
-        comms=tuple((cm.kind, cm.axis, cm.nbytes * ratio * (per_sample if cm.per_sample else 1.0),
-                     cm.per_sample, cm.phase) for cm in spec.comms),
-        weights=tuple(weights), hidden=hidden, rows_per_sample=rows_per_sample,
-        input_bytes=input_bytes, input_fixed_bytes=input_fixed,
-    )

@@ -27,16 +27,15 @@ def layer_strategies(layer_index: int, space: StrategySpace, stage_size: int,
         if stage_size % tp:
             continue
         dp = stage_size // tp
-        if (pins.tp is not None and tp != pins.tp) or (pins.dp is not None and dp != pins.dp):
+        if not pins.allows(tp=tp, dp=dp):
             continue
         specs = space.for_layer(layer_index, tp)
         has_params = any(spec.param_numel > 0 for spec in specs)
         fsdp_options = [False, True] if dp > 1 else [False]
-        if pins.fsdp is not None:
-            fsdp_options = [f for f in fsdp_options if f == pins.fsdp]
-        elif not has_params:
+        if pins.fsdp is None and not has_params:
             fsdp_options = [False]
-        rc_options = [False, True] if pins.recompute is None else [pins.recompute]
+        fsdp_options = [f for f in fsdp_options if pins.allows(fsdp=f)]
+        rc_options = [r for r in (False, True) if pins.allows(recompute=r)]
         for spec in specs:
             for fsdp in fsdp_options:
                 for recompute in rc_options:

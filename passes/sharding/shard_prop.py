@@ -21,23 +21,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 import torch.fx as fx
 
-from fxplan.passes.sharding import op_rules
 from fxplan.passes.cost.flops import node_flops, node_saved
-from fxplan.passes.ir import P, R, Comm, LayerGraph, Partial, Replicate, Shard, StrategySpace, TensorMeta, TPSpec, frozen_map
-from fxplan.passes.sharding.op_rules import ANY
+from fxplan.passes.ir import (R, Comm, Layer, LayerGraph, Partial, Placement, Replicate, Shard, StrategySpace, TPSpec,
+                              Traced, frozen_map)
+from fxplan.passes.sharding.graph_facts import GraphFacts
+from fxplan.passes.sharding.op_rules import strategies
+from fxplan.passes.sharding.op_strategy import ANY, is_tensor_like
 from fxplan.passes.sharding.redistribute import (comm_weight, consume_steps, distinct_steps, steps_comms, steps_score,
-                                        tensor_steps, transition)
+                                                 tensor_steps, transition)
 
 MAX_SPECS = 6
 BEAM = 64  # states kept after each op (after exact dominance pruning)
 
 
-def build_strategy_space(traced, layer_graph: LayerGraph, tp_degrees, max_specs: int = MAX_SPECS) -> StrategySpace:
+def build_strategy_space(traced: Traced, layer_graph: LayerGraph, tp_degrees, max_specs: int = MAX_SPECS) -> StrategySpace:
     """specs[(layer, tp)] for every layer and every tp in `tp_degrees` (tp=1: the single spec "R")."""
-    ctx = _Graph(traced)
+    ctx = GraphFacts(traced)
     specs = {}
     cache: dict[tuple, tuple] = {}  # (signature, tp) -> (template layer, specs)
     for layer in layer_graph.layers:
@@ -57,56 +58,13 @@ def build_strategy_space(traced, layer_graph: LayerGraph, tp_degrees, max_specs:
     return StrategySpace(specs=frozen_map(specs))
 
 
-# ---------------------------------------------------------------- graph facts
+def _replicated_args(node: fx.Node) -> tuple[Placement | None, ...]:
+    """Every tensor input of `node` consumed as R (None for non-tensor inputs)."""
+    return tuple(R if is_tensor_like(a) else None for a in node.all_input_nodes)
 
 
-class _Graph:
-    """Name lookups, metas and requires-grad of the traced graph (computed once)."""
-
-    def __init__(self, traced):
-        self.gm = traced.gm
-        self.nodes = {n.name: n for n in self.gm.graph.nodes}
-        self.tensors = dict(traced.tensors)
-        params = dict(self.gm.named_parameters())
-        self.params = params
-        self.rg: dict[fx.Node, bool] = {}
-        for n in self.gm.graph.nodes:
-            v = n.meta.get("val")
-            if n.op == "get_attr":
-                p = params.get(n.target)
-                self.rg[n] = p is not None and p.requires_grad
-            elif n.op == "placeholder":
-                self.rg[n] = isinstance(v, torch.Tensor) and v.requires_grad
-            else:
-                floaty = (isinstance(v, torch.Tensor) and v.is_floating_point()) or (
-                    isinstance(v, (tuple, list)) and any(isinstance(x, torch.Tensor) and x.is_floating_point() for x in v))
-                self.rg[n] = floaty and any(self.rg.get(a, False) for a in n.all_input_nodes)
-
-    def meta(self, n: fx.Node) -> TensorMeta:
-        m = self.tensors.get(n.name)
-        if m is not None:
-            return m
-        v = n.meta.get("val")
-        if isinstance(v, (tuple, list)):
-            v = next((x for x in v if isinstance(x, torch.Tensor)), None)
-        if not isinstance(v, torch.Tensor):
-            return TensorMeta((), "none", 0, None)
-        return TensorMeta(tuple(int(s) for s in v.shape), str(v.dtype), v.element_size(), n.meta.get("fxplan_batch_dim"))
-
-    def is_param(self, n: fx.Node) -> bool:
-        return n.op == "get_attr" and n.target in self.params
-
-
-def _replicated(ctx: _Graph, layer) -> TPSpec:
-    nodes = [ctx.nodes[x] for x in layer.nodes]
-    return TPSpec(
-        label="R", tp=1,
-        placements=frozen_map({n.name: R for n in nodes}),
-        arg_placements=frozen_map({n.name: tuple(R if op_rules.is_tensor_like(a) else None for a in n.all_input_nodes)
-                                   for n in nodes}),
-        input_placements=frozen_map({x: R for x in layer.inputs}),
-        output_placements=frozen_map({x: R for x in layer.outputs}),
-        comms=(), flops=float(layer.flops), param_numel=int(layer.param_numel), act_bytes=float(layer.act_bytes))
+def _replicated(ctx: GraphFacts, layer: Layer) -> TPSpec:
+    return TPSpec.replicated(layer, {x: _replicated_args(ctx.nodes[x]) for x in layer.nodes})
 
 
 # ---------------------------------------------------------------- one layer, one tp
@@ -123,10 +81,11 @@ class _State:
     params: float = 0.0
     acts: float = 0.0
     flops: float = 0.0
+    out_place: dict = field(default_factory=dict)  # layer output -> placement at exit (set when finishing)
 
     def fork(self) -> "_State":
         return _State(dict(self.place), dict(self.args), dict(self.sharded), {k: set(v) for k, v in self.chains.items()},
-                      list(self.tags), self.comm, self.params, self.acts, self.flops)
+                      list(self.tags), self.comm, self.params, self.acts, self.flops, dict(self.out_place))
 
     def score(self):
         return (self.comm, self.params, self.acts, self.flops)
@@ -135,7 +94,7 @@ class _State:
 class LayerProp:
     """Propagates shardings through one layer at one tp degree; `run()` returns its TPSpecs."""
 
-    def __init__(self, ctx: _Graph, layer, tp: int, max_specs: int = MAX_SPECS):
+    def __init__(self, ctx: GraphFacts, layer, tp: int, max_specs: int = MAX_SPECS):
         self.ctx, self.layer, self.tp, self.max_specs = ctx, layer, tp, max_specs
         self.nodes = [ctx.nodes[x] for x in layer.nodes]
         self.inputs = [ctx.nodes[x] for x in layer.inputs]
@@ -169,7 +128,7 @@ class LayerProp:
         if isinstance(out, Replicate):
             return 0.0
         size = self.ctx.meta(node).nbytes
-        ins = [self.ctx.meta(a).nbytes for a in node.all_input_nodes if op_rules.is_tensor_like(a)]
+        ins = [self.ctx.meta(a).nbytes for a in node.all_input_nodes if is_tensor_like(a)]
         if ins:
             size = min(size, max(ins))
         return comm_weight("all_reduce" if isinstance(out, Partial) else "all_gather", self.tp) * size
@@ -195,7 +154,7 @@ class LayerProp:
     def _step(self, st: _State, i: int, node) -> list[_State]:
         tp = self.tp
         best: dict[tuple, tuple] = {}
-        for s in op_rules.strategies(node, tp, current=lambda n: st.place.get(n)):
+        for s in strategies(node, tp, current=lambda n: st.place.get(n)):
             key, now, ok = [], 0.0, True
             for a, need in zip(node.all_input_nodes, s.args):
                 if need is None or need is ANY:
@@ -219,7 +178,7 @@ class LayerProp:
             for a, need in zip(node.all_input_nodes, s.args):  # free params needing P: stored R -> P
                 if a in self.free and a not in st.place and isinstance(need, Partial):
                     now += self._chain_cost(st, a, consume_steps(R, need, tp, sharded_consumer=s.sharded))
-            total = now + self._pending(node, s.out) if op_rules.is_tensor_like(node) else now
+            total = now + self._pending(node, s.out) if is_tensor_like(node) else now
             k = (tuple(key),)
             if k not in best or (total, now) < best[k][0]:
                 best[k] = ((total, now), s)
@@ -317,7 +276,7 @@ class LayerProp:
         """(score, state, comms): comms derived from the final placements as codegen emits them."""
         tp = self.tp
         out_place = {o: (R if isinstance(st.place.get(o, R), Partial) else st.place.get(o, R)) for o in self.outputs}
-        st.out_place = out_place
+        st.out_place.update(out_place)
         comms: list[Comm] = []
         score = 0.0
         for t in list(self.inputs) + self.nodes:
@@ -342,7 +301,7 @@ class LayerProp:
             meta, rg = self.ctx.meta(t), self.ctx.rg.get(t, False)
             comms.extend(steps_comms(steps, meta, rg, why=f"{{kind}} {t.name}"))
             score += steps_score(steps, meta, rg)
-        comms = [Comm(c.kind, c.axis, c.nbytes, c.per_sample, c.phase, c.why.replace("{kind}", _why(c))) for c in comms]
+        comms = [Comm(c.kind, c.axis, c.nbytes, c.per_sample, c.phase, c.why.replace("{kind}", c.kind)) for c in comms]
         return (score, st.params, st.acts, st.flops), st, tuple(comms)
 
     def _label(self, st: _State) -> str:
@@ -372,12 +331,11 @@ class LayerProp:
                 param_numel += numel // tp if isinstance(st.place.get(n, R), Shard) else numel
         acts_all = sum(node_saved_total(n, ctx) for n in self.nodes)
         acts = self.layer.act_bytes * (st.acts / acts_all) if acts_all > 0 else float(self.layer.act_bytes)
-        placements = {n.name: (st.place.get(n, R) if op_rules.is_tensor_like(n) else R) for n in self.nodes}
+        placements = {n.name: (st.place.get(n, R) if is_tensor_like(n) else R) for n in self.nodes}
         return TPSpec(
             label=label, tp=tp,
             placements=frozen_map(placements),
-            arg_placements=frozen_map({n.name: st.args.get(n, tuple(R if op_rules.is_tensor_like(a) else None
-                                                                  for a in n.all_input_nodes)) for n in self.nodes}),
+            arg_placements=frozen_map({n.name: st.args.get(n, _replicated_args(n)) for n in self.nodes}),
             input_placements=frozen_map({x.name: st.place.get(x, R) for x in self.inputs}),
             output_placements=frozen_map({o.name: st.out_place[o] for o in self.outputs}),
             comms=comms, flops=float(flops), param_numel=int(param_numel), act_bytes=float(acts))
@@ -386,10 +344,6 @@ class LayerProp:
 def node_saved_total(n, ctx) -> float:
     saved, extra = node_saved(n)
     return sum(ctx.meta(a).nbytes for a in saved) + extra
-
-
-def _why(c: Comm) -> str:
-    return f"{c.kind}"
 
 
 def _select(front, k: int):
@@ -425,7 +379,7 @@ def _pareto(items, key):
 # ---------------------------------------------------------------- identical layers
 
 
-def _same_shape(ctx: _Graph, a, b) -> bool:
+def _same_shape(ctx: GraphFacts, a, b) -> bool:
     if len(a.nodes) != len(b.nodes) or len(a.inputs) != len(b.inputs) or len(a.outputs) != len(b.outputs):
         return False
     for x, y in zip(a.nodes, b.nodes):
@@ -435,7 +389,7 @@ def _same_shape(ctx: _Graph, a, b) -> bool:
     return True
 
 
-def _remap(ctx: _Graph, spec: TPSpec, a, b) -> TPSpec:
+def _remap(ctx: GraphFacts, spec: TPSpec, a, b) -> TPSpec:
     """`spec` of layer a renamed onto the identical layer b (positional node correspondence)."""
     names = dict(zip(a.nodes, b.nodes))
     names.update(zip(a.inputs, b.inputs))
@@ -450,4 +404,4 @@ def _remap(ctx: _Graph, spec: TPSpec, a, b) -> TPSpec:
                   act_bytes=scale(spec.act_bytes, a.act_bytes, b.act_bytes))
 
 
-__all__ = ["build_strategy_space", "LayerProp", "MAX_SPECS", "transition", "P"]
+__all__ = ["build_strategy_space", "LayerProp", "MAX_SPECS"]

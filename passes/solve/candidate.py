@@ -1,14 +1,12 @@
-"""solve(problem) -> Solution: the exact MILP, started from the DP heuristic; and brute force (no torch).
+"""solve(problem) -> Solution: one candidate's exact MILP, started from the DP heuristic (no torch).
 
 Pipeline: merge parallel edges, drop dominated strategies (exact), heuristic incumbent
-(passes.heuristic), MILP on the reduced problem with the incumbent as cutoff (passes.milp); the
+(heuristic.py), MILP on the reduced problem with the incumbent as cutoff (milp.py); the
 better of the two is re-scored with problem.evaluate, whose value is what Solution.objective holds.
 """
 
 from __future__ import annotations
 
-import itertools
-import math
 import time
 from dataclasses import dataclass
 
@@ -28,20 +26,21 @@ class Solution:
 
 
 def infeasible(seconds: float = 0.0) -> Solution:
+    """No assignment fits memory."""
     return Solution((), (), float("inf"), "infeasible", float("inf"), seconds)
 
 
-def _score(problem: Problem, stage_of, strategy_of) -> float | None:
+def score(problem: Problem, stage_of, strategy_of) -> float | None:
+    """The iteration time of an assignment, None when it does not fit memory."""
     ev = evaluate(problem, stage_of, strategy_of)
     return ev.iteration_s if ev.feasible else None
 
 
-def solve(problem: Problem, *, time_limit_s: float = 60, incumbent: Solution | None = None,
-          mip_gap: float = 1e-4, cutoff: float | None = None) -> Solution:
+def solve(problem: Problem, *, time_limit_s: float = 60, mip_gap: float = 1e-4,
+          cutoff: float | None = None) -> Solution:
     """Best (stage, strategy) assignment of one candidate under problem.evaluate.
 
-    `incumbent`: a known feasible assignment of this same problem (e.g. from a plan file); the
-    result is never worse. status "time_limit" comes with the proven relative gap.
+    status "time_limit" comes with the proven relative gap.
     `cutoff`: an objective another candidate already reaches; the MILP stops proving once it knows
     it cannot beat it (the returned gap is then relative to that proof).
     """
@@ -55,14 +54,10 @@ def solve(problem: Problem, *, time_limit_s: float = 60, incumbent: Solution | N
     reduced = drop_dominated(merge_parallel_edges(problem))
     small = reduced.problem
     best: tuple[float, tuple, tuple] | None = None
-    if incumbent is not None and incumbent.stage_of:
-        val = _score(problem, incumbent.stage_of, incumbent.strategy_of)
-        if val is not None:
-            best = (val, tuple(incumbent.stage_of), tuple(incumbent.strategy_of))
     h = heuristic(small)
     if h is not None:
-        val = _score(problem, h[0], reduced.to_original(h[1]))
-        if val is not None and (best is None or val < best[0]):
+        val = score(problem, h[0], reduced.to_original(h[1]))
+        if val is not None:
             best = (val, tuple(h[0]), reduced.to_original(h[1]))
     left = time_limit_s - (time.perf_counter() - t0)
     cuts = [v for v in (best[0] if best is not None else None, cutoff) if v is not None]
@@ -70,7 +65,7 @@ def solve(problem: Problem, *, time_limit_s: float = 60, incumbent: Solution | N
     res = solve_milp(small, time_limit_s=max(left, 0.5), mip_gap=mip_gap, cutoff=cut)
     if res.stage_of is not None:
         strategies = reduced.to_original(res.strategy_of)
-        val = _score(problem, res.stage_of, strategies)
+        val = score(problem, res.stage_of, strategies)
         if val is not None and (best is None or val < best[0] * (1 - 1e-12)):
             best = (val, res.stage_of, strategies)
     seconds = time.perf_counter() - t0
@@ -87,35 +82,3 @@ def solve(problem: Problem, *, time_limit_s: float = 60, incumbent: Solution | N
     if status == "optimal" and gap < 1e-9:
         gap = 0.0
     return Solution(best[1], best[2], value, status, gap, seconds)
-
-
-# ---------------------------------------------------------------- brute force
-
-
-def count_assignments(problem: Problem) -> int:
-    L, pp = problem.num_layers, problem.pp
-    if L < pp:
-        return 0
-    splits = math.comb(L - 1, pp - 1)
-    return splits * math.prod(problem.num_strategies(u) for u in range(L))
-
-
-def exhaustive(problem: Problem, *, limit: int = 2_000_000) -> Solution:
-    """Every contiguous split into pp non-empty stages times every strategy choice (tiny problems)."""
-    t0 = time.perf_counter()
-    L, pp = problem.num_layers, problem.pp
-    n = count_assignments(problem)
-    if n > limit:
-        raise ValueError(f"exhaustive search over {n:,} assignments exceeds {limit:,}; use solve()")
-    best = None
-    for cuts in itertools.combinations(range(1, L), pp - 1):
-        bounds = (0, *cuts, L)
-        stage_of = tuple(i for i in range(pp) for _ in range(bounds[i], bounds[i + 1]))
-        for strategy_of in itertools.product(*(range(problem.num_strategies(u)) for u in range(L))):
-            val = _score(problem, stage_of, strategy_of)
-            if val is not None and (best is None or val < best[0]):
-                best = (val, stage_of, strategy_of)
-    seconds = time.perf_counter() - t0
-    if best is None:
-        return infeasible(seconds)
-    return Solution(best[1], best[2], best[0], "optimal", 0.0, seconds)

@@ -2,26 +2,37 @@
 
 For every candidate (pp, microbatches, schedule) and every uniform (dp, tp, fsdp, recompute), each
 layer takes its cheapest tensor-parallel spec at that tp, layers are cut into pp contiguous stages
-of equal counts, and `passes.problem.evaluate` scores the result. The best memory-feasible one wins.
+of equal counts, and `problem.evaluate` scores the result. The best memory-feasible one wins.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, NamedTuple
+from dataclasses import dataclass, replace
+from typing import Iterable, Protocol
 
-from fxplan.passes.solve.problem import Evaluation, Problem, evaluate
+from fxplan.passes.solve.problem import Candidate, Evaluation, Problem, evaluate
 from fxplan.plan import Strategy
 
-DEFAULT_SCHEDULES = ("1f1b", "gpipe")
+
+class CandidateTables(Protocol):
+    """What the grid reads of a cost model (passes.cost.model.CostModel; this folder imports no torch)."""
+
+    def candidate(self, pp: int, microbatches: int, schedule: str
+                  ) -> tuple[Problem, tuple[tuple[Strategy, ...], ...]] | None: ...
 
 
-class GridResult(NamedTuple):
+@dataclass(frozen=True)
+class GridResult:
     stage_of: tuple[int, ...]  # per layer, its stage
     strategy_of: tuple[int, ...]  # per layer, an index into problem's arrays / cost_model.strategies
     problem: Problem
     evaluation: Evaluation
     strategies: tuple[Strategy, ...]  # per layer, the chosen Strategy
     tried: int  # grid points scored (feasible or not)
+
+    @property
+    def candidate(self) -> Candidate:
+        return (self.problem.pp, self.problem.microbatches, self.problem.schedule)
 
 
 def equal_stages(num_layers: int, pp: int) -> tuple[int, ...]:
@@ -36,25 +47,9 @@ def equal_stages(num_layers: int, pp: int) -> tuple[int, ...]:
     return tuple(stage for stage, count in enumerate(counts) for _ in range(count))
 
 
-def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def default_candidates(cost_model, schedules: Iterable[str] = DEFAULT_SCHEDULES,
-                       max_microbatches: int = 64) -> list[tuple[int, int, str]]:
-    """Every pp dividing the devices, every microbatch count dividing the batch (<= max), each schedule."""
-    num_layers = len(cost_model.graph.layers)
-    return [(pp, c, sched)
-            for pp in divisors(cost_model.world) if pp <= num_layers
-            for c in divisors(cost_model.batch_size) if c <= max_microbatches
-            for sched in schedules]
-
-
-def grid_search(cost_model, candidates: Iterable[tuple[int, int, str]] | None = None) -> GridResult | None:
-    """Best uniform grid plan over `candidates` ((pp, microbatches, schedule) triples; default:
-    `default_candidates`), or None when no grid point fits in memory."""
-    if candidates is None:
-        candidates = default_candidates(cost_model)
+def grid_search(cost_model: CandidateTables, candidates: Iterable[Candidate]) -> GridResult | None:
+    """Best uniform grid plan over `candidates` ((pp, microbatches, schedule) triples, e.g. the
+    planner's), or None when no grid point fits in memory."""
     best: GridResult | None = None
     tried = 0
     for pp, c, schedule in candidates:
@@ -69,7 +64,7 @@ def grid_search(cost_model, candidates: Iterable[tuple[int, int, str]] | None = 
             if ev.feasible and (best is None or ev.iteration_s < best.evaluation.iteration_s):
                 best = GridResult(stage_of, choice, problem, ev,
                                   tuple(strategies[u][k] for u, k in enumerate(choice)), 0)
-    return None if best is None else best._replace(tried=tried)
+    return None if best is None else replace(best, tried=tried)
 
 
 def _uniform_choices(problem: Problem, strategies):

@@ -1,10 +1,11 @@
 """A fast incumbent for the MILP: alternate an exact stage-split DP and per-stage strategy choice.
 
-* split(strategies): with strategies fixed, a layer's time (own F+B+W plus the reshard of its incoming
-  edges) and a cut's transfer time no longer depend on the split. For a bottleneck cap B the DP
-  over (stage, cut position) minimising the summed transfers subject to every stage time, transfer
-  and memory fitting is exact; caps are visited in ascending order until (c-1)*B alone loses.
-* choose(split): per stage, a Viterbi pass over its layers (chain edges priced) minimising
+* place_stages(strategies): with strategies fixed, a layer's time (own F+B+W plus the reshard of its
+  incoming edges) and a cut's transfer time no longer depend on where the stages are cut. For a
+  bottleneck cap B the DP over (stage, cut position) minimising the summed transfers subject to every
+  stage time, transfer and memory fitting is exact; caps are visited in ascending order until (c-1)*B
+  alone loses.
+* choose_strategies(stage_of): per stage, a Viterbi pass over its layers (chain edges priced) minimising
   time + mu * memory, with mu bisected until the stage fits its memory (Lagrangian relaxation).
 No torch; returns (stage_of, strategy_of) or None when nothing feasible was found.
 """
@@ -20,7 +21,7 @@ def _times(problem: Problem) -> list[np.ndarray]:
     return [np.asarray(problem.fwd[u]) + problem.bwd[u] + problem.wgt[u] for u in range(problem.num_layers)]
 
 
-def split(problem: Problem, strategy_of, best: float = np.inf):
+def place_stages(problem: Problem, strategy_of, best: float = np.inf):
     """Exact best contiguous split for fixed strategies (up to the max-sync term), or None."""
     pp, c, L = problem.pp, problem.microbatches, problem.num_layers
     k = list(strategy_of)
@@ -91,7 +92,7 @@ def split(problem: Problem, strategy_of, best: float = np.inf):
     return found
 
 
-def choose(problem: Problem, stage_of) -> tuple[int, ...] | None:
+def choose_strategies(problem: Problem, stage_of) -> tuple[int, ...] | None:
     """Per stage, strategies minimising time + mu * memory, mu the smallest that fits."""
     pp, c, L = problem.pp, problem.microbatches, problem.num_layers
     times = _times(problem)
@@ -150,15 +151,15 @@ def heuristic(problem: Problem, rounds: int = 4):
               tuple(int(np.argmin(np.asarray(problem.mem_fixed[u]) + problem.mem_act[u])) for u in range(L))]
     for strategies in starts:
         for _ in range(rounds):
-            stage_of = split(problem, strategies)
+            stage_of = place_stages(problem, strategies)
             if stage_of is not None:
                 ev = evaluate(problem, stage_of, strategies)
                 if ev.feasible and ev.iteration_s < best_val - 1e-12:
                     best_val, best = ev.iteration_s, (tuple(stage_of), tuple(strategies))
             else:
-                # nothing fits with these strategies: balance layer counts and let choose() fix memory
+                # nothing fits with these strategies: balance layer counts and let choose_strategies() fix memory
                 stage_of = tuple(min(pp - 1, u * pp // L) for u in range(L))
-            new = choose(problem, stage_of)
+            new = choose_strategies(problem, stage_of)
             if new is None:
                 break
             ev = evaluate(problem, stage_of, new)

@@ -30,16 +30,6 @@ class Reduced:
     def to_original(self, strategy_of) -> tuple[int, ...]:
         return tuple(int(self.kept[u][k]) for u, k in enumerate(strategy_of))
 
-    def from_original(self, strategy_of) -> tuple[int, ...] | None:
-        """Reduced indices of an original assignment, None if it uses a dropped strategy."""
-        out = []
-        for u, k in enumerate(strategy_of):
-            hit = np.nonzero(self.kept[u] == int(k))[0]
-            if not len(hit):
-                return None
-            out.append(int(hit[0]))
-        return tuple(out)
-
 
 def merge_parallel_edges(problem: Problem) -> Problem:
     merged: dict[tuple[int, int], Edge] = {}

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 
 
+Candidate = tuple[int, int, str]  # (pp, microbatches, schedule): one pass of the outer loop
+
+
 @dataclass(frozen=True)
 class Edge:
     """Tensors flowing from layer `src` to a later layer `dst`."""
@@ -28,7 +31,7 @@ class Problem:
 
     pp: int
     microbatches: int
-    schedule: str  # "gpipe" | "1f1b" (zero-bubble variants join with fxplan.schedules)
+    schedule: str  # one of fxplan.constraints.RUNNABLE_SCHEDULES; in_flight also models zb-h1 / zb-h2
     fwd: tuple[np.ndarray, ...]  # per layer [K_u]: forward of one microbatch on one device, s
     bwd: tuple[np.ndarray, ...]  # per layer [K_u]: input-gradient backward (B), s
     wgt: tuple[np.ndarray, ...]  # per layer [K_u]: weight-gradient backward (W), s

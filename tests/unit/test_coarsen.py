@@ -10,6 +10,7 @@ from fxplan.passes.coarsen import coarsen
 from fxplan.passes.trace import trace
 
 import toy_models_trace as toy
+from toy_blocks import LossOf
 
 
 def check_partition(traced, lg):
@@ -129,15 +130,6 @@ def test_big_meta_gpt_is_fast():
 
 
 # ---------------------------------------------------------------- Hugging Face models (export path)
-
-
-class LossOf(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, labels):
-        return self.model(input_ids=input_ids, labels=labels, use_cache=False).loss
 
 
 def _hf(kind):

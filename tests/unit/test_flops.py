@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxplan.passes.cost.flops import ATTENTION, MATMUL, node_flops, node_saved_bytes, op_name
+from fxplan.passes.cost.flops import ATTENTION, MATMUL, node_flops, node_saved_bytes
+from fxplan.passes.ir import out_of_place_name as op_name
 from fxplan.passes.trace import trace
 
 import toy_models_trace as toy

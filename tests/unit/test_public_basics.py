@@ -7,6 +7,7 @@ import sys
 import pytest
 
 import fxplan
+from fxplan.constraints import RUNNABLE_SCHEDULES, SCHEDULES
 from fxplan.plan import Plan, SolverInfo, Stage, Strategy
 
 
@@ -35,6 +36,10 @@ def test_constraints_parse_and_validate():
     for bad in ("pp=x", "zz=1", "fsdp=maybe", "schedule=foo", "pp=0"):
         with pytest.raises(fxplan.ConstraintError):
             fxplan.Constraints.parse(bad)
+    # a pinned field allows its value only, an unpinned one anything
+    assert c.allows(pp=2, tp=4, fsdp=True, schedule="1f1b", dp=8) and c.allows()
+    assert not c.allows(pp=1) and not c.allows(fsdp=False) and not c.allows(tp=4, schedule="gpipe")
+    assert set(RUNNABLE_SCHEDULES) <= set(SCHEDULES)
 
 
 def _plan():

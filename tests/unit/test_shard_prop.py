@@ -1,4 +1,4 @@
-"""Sharding propagation (passes/shard_prop.py, op_rules.py) and redistribution (redistribute.py)."""
+"""Sharding propagation (passes/sharding/shard_prop.py, its op rules) and redistribution (redistribute.py)."""
 
 from __future__ import annotations
 
@@ -16,71 +16,23 @@ from fxplan.passes.sharding.redistribute import Layout, consume_steps, layout_st
 from fxplan.passes.sharding.shard_prop import build_strategy_space
 from fxplan.passes.trace import trace
 
+import toy_blocks
+
 C, H, T, B = 64, 8, 16, 4
 
 
 # ---------------------------------------------------------------- models
 
 
-class Attn(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.qkv = nn.Linear(C, 3 * C)
-        self.proj = nn.Linear(C, C)
-
-    def forward(self, x):
-        b, t, _ = x.shape
-        # per-head fused layout [q_h, k_h, v_h] (Megatron's): whole heads per column shard
-        qkv = self.qkv(x).view(b, t, H, 3 * (C // H)).transpose(1, 2)
-        q, k, v = qkv.split(C // H, dim=-1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(y.transpose(1, 2).reshape(b, t, C))
+def Block():
+    return toy_blocks.Block(C, H)
 
 
-class Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(C), nn.LayerNorm(C)
-        self.attn = Attn()
-        self.fc, self.out = nn.Linear(C, 4 * C), nn.Linear(4 * C, C)
-
-    def forward(self, x):
-        x = x + self.attn(self.ln1(x))
-        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+def RawBlock():
+    return toy_blocks.RawBlock(C, H)
 
 
-class RawBlock(nn.Module):
-    """The same block with raw parameters under arbitrary names and F.linear calls."""
-
-    def __init__(self):
-        super().__init__()
-        mk = lambda *s: nn.Parameter(torch.randn(*s) * 0.02)  # noqa: E731
-        self.zz, self.zb = mk(3 * C, C), mk(3 * C)
-        self.yy, self.yb = mk(C, C), mk(C)
-        self.aa, self.ab = mk(4 * C, C), mk(4 * C)
-        self.qq, self.qb = mk(C, 4 * C), mk(C)
-        self.n1w, self.n1b, self.n2w, self.n2b = mk(C), mk(C), mk(C), mk(C)
-
-    def forward(self, x):
-        b, t, _ = x.shape
-        h = F.layer_norm(x, (C,), self.n1w, self.n1b)
-        qkv = F.linear(h, self.zz, self.zb).view(b, t, H, 3 * (C // H)).transpose(1, 2)
-        q, k, v = qkv.split(C // H, dim=-1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + F.linear(y.transpose(1, 2).reshape(b, t, C), self.yy, self.yb)
-        h = F.layer_norm(x, (C,), self.n2w, self.n2b)
-        return x + F.linear(F.gelu(F.linear(h, self.aa, self.ab)), self.qq, self.qb)
-
-
-class Stack(nn.Module):
-    def __init__(self, block, n=2):
-        super().__init__()
-        self.blocks = nn.ModuleList(block() for _ in range(n))
-
-    def forward(self, x):
-        for blk in self.blocks:
-            x = blk(x)
-        return x.pow(2).mean()
+Stack = toy_blocks.Stack
 
 
 def _space(model, tps=(1, 2, 4), inputs=None):

@@ -15,8 +15,9 @@ import pytest
 from fxplan.passes.solve.heuristic import heuristic
 from fxplan.passes.solve.problem import Edge, Problem, evaluate
 from fxplan.passes.solve.presolve import drop_dominated, merge_parallel_edges, segments
-from fxplan.passes.solve.search import lower_bound, min_memory, search
-from fxplan.passes.solve.candidate import exhaustive, solve
+from fxplan.passes.solve.search import Assignment, lower_bound, min_memory, search
+from fxplan.passes.solve.candidate import solve
+from fxplan.passes.solve.exhaustive import exhaustive
 
 
 def random_problem(seed, *, layers=None, pp=None, tight=False, skew=False, identical=False, inf_mem=False):
@@ -220,6 +221,30 @@ def test_gpt_50_layers_64_devices_every_candidate_fast():
             assert r.bound >= res.best.objective * (1 - 1e-9)
 
 
+def test_an_incumbent_replaces_a_slower_result_and_keeps_the_floor():
+    # a loose gap lets the MILP stop early, so on some cases brute force's optimum beats it
+    swapped = 0
+    for case in CASES:
+        p = random_problem(**case)
+        cand = (p.pp, p.microbatches, p.schedule)
+        alone = search(lambda *_: p, [cand], mip_gap=0.9)
+        optimum = _brute(CASES.index(case))
+        if alone.best is None:
+            continue
+        given = search(lambda *_: p, [cand], mip_gap=0.9,
+                       incumbents=[Assignment(cand, optimum.stage_of, optimum.strategy_of)])
+        assert given.best.objective == pytest.approx(min(alone.best.objective, optimum.objective), rel=1e-12)
+        assert given.best.gap <= alone.best.gap + 1e-12
+        # the proven floor is the search's own: the incumbent only lowers the objective above it
+        assert given.best.objective * (1 - given.best.gap) == pytest.approx(
+            alone.best.objective * (1 - alone.best.gap), rel=1e-9)
+        assert [r.outcome for r in given.per_candidate] == [r.outcome for r in alone.per_candidate]
+        swapped += given.best.objective < alone.best.objective
+    assert swapped
+    with pytest.raises(ValueError, match="not a candidate"):
+        search(lambda *_: p, [cand], incumbents=[Assignment((9, 9, "gpipe"), (), ())])
+
+
 def test_search_reports_memory_when_nothing_fits():
     def make(pp, c, sch):
         p = gpt_like(pp, c, sch, memory=2e9)
@@ -236,6 +261,7 @@ def test_search_reports_memory_when_nothing_fits():
 
 def test_solver_imports_no_torch():
     code = ("import sys; import fxplan.passes.solve.candidate, fxplan.passes.solve.search, fxplan.passes.solve.milp, "
-            "fxplan.passes.solve.heuristic; assert 'torch' not in sys.modules, 'torch was imported'")
+            "fxplan.passes.solve.heuristic, fxplan.passes.solve.exhaustive, fxplan.passes.solve.grid, "
+            "fxplan.passes.solve.presolve; assert 'torch' not in sys.modules, 'torch was imported'")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root, timeout=120)
