@@ -1,7 +1,10 @@
 """Emit one rank's program: its stage graph with local parameter shards and collectives inserted.
 
-    prog = emit_rank(traced, layer_graph, space, plan, rank)
+    prog = emit_rank(traced, layer_graph, space, plan, rank, ops=GRAPH_OPS)  # fxplan/runtime/collectives.py
     print(prog.gm.code)        # fxplan_tp_all_reduce(x, 'tp:0,1') ... visible as calls
+
+Codegen only places the calls: the functions come from the caller as a GraphOps value, so nothing
+here knows about process groups or how a collective runs.
 
 What a rank computes (shared semantics, fxplan.passes.sharding.redistribute is the source of truth for which
 collective each placement change needs):
@@ -13,7 +16,7 @@ collective each placement change needs):
 - FSDP parameters are stored per parameter (a flat 1/dp block each, codegen/params.py) but
   gathered per layer: at the first use of any of them, ONE fxplan_fsdp_gather_layer call gathers
   every FSDP parameter of that layer (same dp group and dtype) and getitems hand out each one; its
-  backward is one reduce-scatter, launched asynchronously (collectives.wait_pending);
+  backward is one reduce-scatter;
 - shape arguments become static local shapes (codegen/shapes.py);
 - the last stage returns the local loss times 1/dp of the loss layer (the runtime applies
   1/microbatches), so summing over the dp group gives the true loss;
@@ -25,36 +28,19 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Mapping
 
-import torch
 import torch.fx as fx
-from torch import nn
 
-from fxplan.runtime import collectives as C
-from fxplan.runtime.groups import group_key
-from fxplan.codegen.params import ParamShard, fetch_attr, fsdp_block, shard_tensor, tp_local_shape
+from fxplan.codegen.groups import group_key
+from fxplan.codegen.params import MeshSeat, StageParams
+from fxplan.codegen.program import GraphOps, RankProgram
 from fxplan.codegen.recompute import LAYER_META, recompute_pass
 from fxplan.codegen.shapes import (is_size_query, is_split, local_shape, rewrite_shape_args,
                                    rewrite_split_args, split_dim)
 from fxplan.codegen.split import split_stages
 from fxplan.errors import PlanFileError
-from fxplan.passes.ir import R, Partial, Replicate, Shard, TPSpec, frozen_map
+from fxplan.passes.ir import R, LayerGraph, Partial, Replicate, Shard, StrategySpace, TPSpec, Traced, frozen_map
 from fxplan.passes.sharding.redistribute import Layout, layout_steps, tensor_steps, transition
-
-
-@dataclass(frozen=True)
-class RankProgram:
-    rank: int
-    stage: int
-    gm: fx.GraphModule
-    inputs: tuple[str, ...]  # placeholder names (traced node names), in call order
-    outputs: tuple[str, ...]  # returned tensors (a tuple; the last stage returns the scaled loss alone)
-    input_layouts: tuple[Layout, ...]  # how each input arrives (stage 0: Layout(1, n, R), the full microbatch)
-    output_layouts: tuple[Layout, ...]  # how each output leaves (the next stage's rank at our position gets it)
-    params: Mapping[str, ParamShard]  # attribute name in gm -> its shard
-    group_keys: tuple[str, ...]  # process groups this rank's graph uses
-    loss_scale: float = 1.0  # the factor applied to the local loss (1 / dp of the loss layer)
 
 
 @dataclass
@@ -75,6 +61,9 @@ class _Ctx:
     def layout(self, placement) -> Layout:
         return Layout(self.dp, self.tp, placement)
 
+    def seat(self) -> MeshSeat:
+        return MeshSeat(self.name, self.dp, self.tp, self.dp_index, self.tp_index, self.fsdp, self.dp_key, self.tp_key)
+
     def placement(self, node: str):
         # A node outside the layer's own nodes (a stage-local get_attr of a weight another layer
         # owns, e.g. a tied embedding read by the head) has the placement it enters the layer with,
@@ -85,10 +74,7 @@ class _Ctx:
 
 def replicated_spec(layer) -> TPSpec:
     """tp = 1: every node replicated (what shard_prop calls "R")."""
-    return TPSpec(label="R", tp=1, placements=frozen_map({n: R for n in layer.nodes}), arg_placements=frozen_map({}),
-                  input_placements=frozen_map({t: R for t in layer.inputs}),
-                  output_placements=frozen_map({t: R for t in layer.outputs}), comms=(), flops=layer.flops,
-                  param_numel=layer.param_numel, act_bytes=layer.act_bytes)
+    return TPSpec.replicated(layer)
 
 
 def _stage_of_rank(plan, rank: int):
@@ -115,19 +101,20 @@ def requires_grad_map(traced) -> dict[str, bool]:
     return out
 
 
-def emit_rank(traced, layer_graph, space, plan, rank: int, params=None) -> RankProgram:
-    """The program of global rank `rank` under `plan`.
+def emit_rank(traced: Traced, layer_graph: LayerGraph, space: StrategySpace, plan, rank: int, params=None, *,
+              ops: GraphOps) -> RankProgram:
+    """The program of global rank `rank` under `plan`, its collectives calls to `ops`' functions.
 
     params: None (cut the shards from the traced module's tensors), a state_dict-like mapping of
     full tensors, or "meta" (local shards created on the meta device; the runtime materialises them).
     """
-    return _Emitter(traced, layer_graph, space, plan, rank, params).run()
+    return _Emitter(traced, layer_graph, space, plan, rank, params, ops).run()
 
 
 class _Emitter:
-    def __init__(self, traced, layer_graph, space, plan, rank, params):
+    def __init__(self, traced, layer_graph, space, plan, rank, params, ops: GraphOps):
         self.traced, self.lg, self.space, self.plan, self.rank = traced, layer_graph, space, plan, rank
-        self.params_src = params
+        self.ops = ops
         self.stage, self.q = _stage_of_rank(plan, rank)
         self.devices = tuple(self.stage.devices)
         self.n = len(self.devices)
@@ -148,17 +135,15 @@ class _Emitter:
             for node in layer.nodes:
                 self.home_layer[node] = (layer, strat)
         self.rg = requires_grad_map(traced)
-        self.param_names = {name for name, _ in traced.gm.named_parameters()}  # once, not per get_attr
+        self.params = StageParams(traced.gm, self.rg, params)
+        self.alias = self.params.alias  # get_attr node -> first get_attr of the same target here
         self.meta = traced.tensors
         self.graph = fx.Graph()
         self.internal: dict[str, fx.Node] = {}  # node value at its own placement in its own layer
         self.ctx_of: dict[str, _Ctx] = {}
         self.home: dict[str, tuple[fx.Node, Layout]] = {}
-        self.alias: dict[str, str] = {}  # get_attr node -> first get_attr of the same target here
         self.cache: dict[tuple, fx.Node] = {}
         self.keys: set[str] = set()
-        self.local_params: dict[str, ParamShard] = {}
-        self.tensors_out: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------ strategy context
     def _ctx(self, layer, strat) -> _Ctx:
@@ -195,23 +180,16 @@ class _Emitter:
         return group_key([self.devices[p] for p in positions], role)
 
     def _emit_tp_step(self, step, x: fx.Node, tp_key: str) -> fx.Node:
-        k = step.kind
-        if k == "f":
-            return self._call(C.fxplan_tp_f, x, tp_key)
-        if k == "g":
-            return self._call(C.fxplan_tp_all_reduce, x, tp_key)
-        if k == "gather":
-            return self._call(C.fxplan_all_gather, x, step.dim, tp_key)
-        if k == "gather_rs":
-            return self._call(C.fxplan_all_gather_rs, x, step.dim, tp_key)
-        if k == "slice":
-            return self._call(C.fxplan_slice, x, step.dim, tp_key)
-        if k == "reduce_scatter":
-            return self._call(C.fxplan_reduce_scatter, x, step.dim, tp_key)
+        ops, k = self.ops, step.kind
+        keyed = {"f": ops.tp_f, "g": ops.tp_all_reduce, "partial": ops.r_to_p}
+        along_dim = {"gather": ops.all_gather, "gather_rs": ops.all_gather_rs, "slice": ops.slice,
+                     "reduce_scatter": ops.reduce_scatter}
+        if k in keyed:
+            return self._call(keyed[k], x, tp_key)
+        if k in along_dim:
+            return self._call(along_dim[k], x, step.dim, tp_key)
         if k == "all_to_all":
-            return self._call(C.fxplan_all_to_all, x, step.dim, step.dim2, tp_key)
-        if k == "partial":
-            return self._call(C.fxplan_r_to_p, x, tp_key)
+            return self._call(ops.all_to_all, x, step.dim, step.dim2, tp_key)
         raise NotImplementedError(f"tp step {k!r}")
 
     def _emit_layout_steps(self, x: fx.Node, src: Layout, dst: Layout, name: str) -> fx.Node:
@@ -228,18 +206,18 @@ class _Emitter:
                 f = step.parts
                 base, r = (q // src.tp) * src.tp, q % dst.tp
                 bwd = self._key([base + r + i * dst.tp for i in range(f)], "rows") if rg else ""
-                x = self._call(C.fxplan_rows, x, step.dim, (q // dst.tp) % f, f, bwd)
+                x = self._call(self.ops.rows, x, step.dim, (q // dst.tp) % f, f, bwd)
             elif step.kind == "gather_rows" and step.parts == 1:
                 g, b = step.group, q // dst.tp  # the g source blocks making our destination block
                 fwd = self._key([(b * g + j) * src.tp + q % src.tp for j in range(g)], "rows")
-                x = self._call(C.fxplan_regroup_rows, x, step.dim, fwd, 0, 1, "")
+                x = self._call(self.ops.regroup_rows, x, step.dim, fwd, 0, 1, "")
             elif step.kind == "gather_rows":
                 fwd = self._key(range(q % src.tp, self.n, src.tp), "dp")
                 bwd = self._key(range(q % dst.tp, self.n, dst.tp), "dp") if rg else ""
-                x = self._call(C.fxplan_regroup_rows, x, step.dim, fwd, q // dst.tp, step.parts, bwd)
+                x = self._call(self.ops.regroup_rows, x, step.dim, fwd, q // dst.tp, step.parts, bwd)
             elif step.kind == "dp_grad":
                 key = self._key(range(q % dst.tp, self.n, dst.tp), "dp") if dst.dp > 1 else ""
-                x = self._call(C.fxplan_dp_grad_fix, x, key, step.scale)
+                x = self._call(self.ops.dp_grad_fix, x, key, step.scale)
             else:
                 raise NotImplementedError(f"layout step {step.kind!r}")
         return x
@@ -307,82 +285,20 @@ class _Emitter:
         return list(args)
 
     # ------------------------------------------------------------ parameters
-    def _shard(self, node: fx.Node, ctx: _Ctx) -> str:
-        """Cut (or create) this rank's shard of get_attr `node`'s tensor; register it; return its attr."""
-        target = node.target
-        full = None
-        src = self.params_src
-        if isinstance(src, Mapping) and target in src:
-            full = src[target]
-        if full is None:
-            full = fetch_attr(self.traced.gm, target)
-        is_param = isinstance(full, nn.Parameter) or target in self.param_names
-        requires_grad = bool(self.rg.get(node.name, False)) or (is_param and full.requires_grad and
-                                                               full.is_floating_point())
-        pl = ctx.placement(node.name)
-        if node.name not in ctx.spec.placements:
-            pl = ctx.spec.input_placements.get(node.name, R)
-        tp_dim = pl.dim if isinstance(pl, Shard) and ctx.tp > 1 else None
-        local = tp_local_shape(tuple(full.shape), tp_dim, ctx.tp)
-        fsdp = bool(ctx.fsdp and ctx.dp > 1 and is_param and requires_grad)
-        numel = 1
-        for s in local:
-            numel *= s
-        block = fsdp_block(numel, ctx.dp) if fsdp else numel
-        shard = ParamShard(name=target, global_shape=tuple(full.shape), tp_dim=tp_dim, tp=ctx.tp,
-                           tp_index=ctx.tp_index, fsdp=fsdp, dp=ctx.dp, dp_index=ctx.dp_index, dp_group=ctx.dp_key,
-                           numel_local=block, requires_grad=requires_grad, local_shape=local,
-                           stored_shape=(block,) if fsdp else local, is_buffer=not is_param,
-                           dtype=str(full.dtype), tp_group=ctx.tp_key,
-                           fsdp_unit=f"{ctx.name}/{full.dtype}" if fsdp else "")
-        if src == "meta" or full.device.type == "meta":
-            tensor = torch.empty(shard.stored_shape, dtype=full.dtype, device="meta")
-        else:
-            tensor = shard_tensor(full, shard)
-        attr = target.replace(".", "_")
-        while attr in self.local_params:
-            attr += "_"
-        self.local_params[attr] = shard
-        self.tensors_out[attr] = nn.Parameter(tensor, requires_grad=requires_grad) if is_param else tensor
-        return attr
-
     def _plan_params(self, sg: fx.Graph) -> None:
-        """Shard every parameter this stage reads (first get_attr of each target; later ones alias it)
-        and group the FSDP ones into units: one per (layer, dtype), gathered by one collective."""
-        first_of_target: dict[str, str] = {}
-        self.attr_of_node: dict[str, str] = {}
-        self.units: dict[str, list[str]] = {}  # unit -> get_attr node names, in graph order
-        self.unit_of: dict[str, str] = {}  # get_attr node name -> its unit, until the unit is gathered
+        """Shard every parameter this stage reads, with the placement it enters its layer with."""
         for node in sg.nodes:
-            if node.op != "get_attr":
-                continue
-            if node.target in first_of_target:
-                self.alias[node.name] = first_of_target[node.target]
-                continue
-            first_of_target[node.target] = node.name
-            attr = self._shard(node, self.ctx_of[node.name])
-            self.attr_of_node[node.name] = attr
-            unit = self.local_params[attr].fsdp_unit
-            if unit:
-                self.units.setdefault(unit, []).append(node.name)
-                self.unit_of[node.name] = unit
+            if node.op == "get_attr":
+                ctx = self.ctx_of[node.name]
+                pl = ctx.placement(node.name)
+                if node.name not in ctx.spec.placements:
+                    pl = ctx.spec.input_placements.get(node.name, R)
+                tp_dim = pl.dim if isinstance(pl, Shard) and ctx.tp > 1 else None
+                self.params.add(node.name, node.target, tp_dim, ctx.seat())
 
     def _ensure_param(self, name: str) -> None:
-        """Emit the gather of `name`'s FSDP unit at its first use: the get_attr of every member, one
-        fxplan_fsdp_gather_layer call, one getitem per member (a whole layer arrives in one collective)."""
-        unit = self.unit_of.get(self.alias.get(name, name))
-        if unit is None:
-            return
-        members = self.units[unit]
-        shards = [self.local_params[self.attr_of_node[m]] for m in members]
-        attrs = [self.graph.get_attr(self.attr_of_node[m]) for m in members]
-        key = shards[0].dp_group
-        self.keys.add(key)
-        gathered = self.graph.call_function(C.fxplan_fsdp_gather_layer,
-                                            (attrs, key, tuple(tuple(s.local_shape) for s in shards)))
-        for i, m in enumerate(members):
-            self.internal[m] = self.graph.call_function(operator.getitem, (gathered, i))
-            del self.unit_of[m]
+        """Emit the gather of `name`'s FSDP unit at its first use (nothing for other tensors)."""
+        self.internal.update(self.params.gather_unit(self.graph, self.ops.fsdp_gather_layer, name, self.keys))
 
     # ------------------------------------------------------------ the pass
     def _assign_layers(self, sg: fx.Graph) -> None:
@@ -430,9 +346,9 @@ class _Emitter:
                 inputs.append(node.name)
                 input_layouts.append(layout)
             elif node.op == "get_attr":
-                if node.name in self.alias or node.name in self.unit_of or node.name in self.internal:
+                if node.name in self.alias or node.name in self.params.unit_of or node.name in self.internal:
                     continue  # an alias, or an FSDP parameter gathered with its unit at first use
-                self.internal[node.name] = self.graph.get_attr(self.attr_of_node[node.name])
+                self.internal[node.name] = self.graph.get_attr(self.params.attr_of_node[node.name])
             elif node.op == "output":
                 return self._finish(node, inputs, input_layouts)
             else:
@@ -506,19 +422,13 @@ class _Emitter:
             if not node.users and is_size_query(node):
                 self.graph.erase_node(node)
         self.graph.lint()
-        root = nn.Module()
-        for attr, tensor in self.tensors_out.items():
-            if isinstance(tensor, nn.Parameter):
-                root.register_parameter(attr, tensor)
-            else:
-                root.register_buffer(attr, tensor)
-        gm = fx.GraphModule(root, self.graph, class_name=f"Rank{self.rank}Stage{self.stage.index}")
+        gm = fx.GraphModule(self.params.module(), self.graph, class_name=f"Rank{self.rank}Stage{self.stage.index}")
         gm.recompile()
         recompute = [name for name, strat in self.stage.strategies.items() if strat.recompute]
         if recompute:
             gm = recompute_pass(gm, recompute)
         return RankProgram(rank=self.rank, stage=self.stage.index, gm=gm, inputs=tuple(inputs),
                            outputs=tuple(outputs), input_layouts=tuple(input_layouts),
-                           output_layouts=output_layouts, params=frozen_map(self.local_params),
+                           output_layouts=output_layouts, params=frozen_map(self.params.shards),
                            group_keys=tuple(sorted(self.keys)), loss_scale=scale)
 

@@ -38,17 +38,25 @@ class Compiled:
     def space(self):
         return self.analysis.space
 
+    @property
+    def source(self):
+        """What every rank's program is emitted from (codegen's EmitSource)."""
+        from fxplan.codegen.program import EmitSource
+
+        return EmitSource(self.traced, self.layer_graph, self.space)
+
     def rank_program(self, rank: int, params=None, meta: bool = False):
         from fxplan.codegen.emit import emit_rank
+        from fxplan.runtime.collectives import GRAPH_OPS
 
         if not isinstance(rank, int) or not 0 <= rank < self.plan.world_size:
             raise DistributedSetupError(f"rank {rank!r} is outside the plan's {self.plan.world_size} ranks")
         if params is not None:
-            return emit_rank(self.traced, self.layer_graph, self.space, self.plan, rank, params=params)
+            return emit_rank(self.traced, self.layer_graph, self.space, self.plan, rank, params=params, ops=GRAPH_OPS)
         key = (rank, meta)
         if key not in self._programs:
             self._programs[key] = emit_rank(self.traced, self.layer_graph, self.space, self.plan, rank,
-                                            params="meta" if meta else None)
+                                            params="meta" if meta else None, ops=GRAPH_OPS)
         return self._programs[key]
 
     def rank_module(self, rank: int):
@@ -59,7 +67,7 @@ class Compiled:
         """Join the torchrun process groups and return the Runner for this rank."""
         from fxplan.runtime.runner import Runner
 
-        return Runner(self, init_fn=init_fn)
+        return Runner(self.model, self.plan, self.source, init_fn=init_fn)
 
 
 def _is_meta(model) -> bool:
@@ -71,27 +79,17 @@ def _is_meta(model) -> bool:
 def _validate_inputs(model, example_inputs):
     import torch
 
+    from fxplan.passes.trace import check_inputs
+
     if not isinstance(model, torch.nn.Module):
         raise ModelError(f"compile() takes an nn.Module, got {type(model).__name__}")
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    if not isinstance(example_inputs, (tuple, list)) or not example_inputs:
-        raise ModelError("example_inputs must be a non-empty tuple of tensors (one global batch)")
-    example_inputs = tuple(example_inputs)
-    for i, value in enumerate(example_inputs):
-        if not isinstance(value, torch.Tensor):
-            raise ModelError(f"example_inputs[{i}] is a {type(value).__name__}; pass tensors only (dim 0 = batch)")
-        if value.dim() == 0:
-            raise ModelError(f"example_inputs[{i}] is 0-dimensional; dim 0 must be the batch")
-    sizes = {value.shape[0] for value in example_inputs}
-    if len(sizes) != 1:
-        raise ModelError(f"example inputs disagree on the batch size (dim 0): {sorted(sizes)}; "
-                         f"every input needs the same global batch along dim 0")
-    return example_inputs
+    return check_inputs(example_inputs)
 
 
 def _torchrun_env() -> bool:
-    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    from fxplan.runtime.process import in_torchrun
+
+    return in_torchrun()
 
 
 def compile(model, example_inputs, cluster: Cluster | None = None, constraints: Constraints | None = None,
@@ -135,7 +133,7 @@ def _agree_on_plan(analysis, cluster, constraints, planner, time_limit_s, progre
     import torch
     import torch.distributed as dist
 
-    from fxplan.runtime.runner import init_default_group
+    from fxplan.runtime.process import init_default_group
 
     init_default_group()
     payload: list = [None]

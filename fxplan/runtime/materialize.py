@@ -8,11 +8,8 @@ values before slicing, whatever its plan), initialised with `reset_parameters()`
 `full_model(model, init_fn)` builds the same values for the whole model on one device; tests and
 single-device references use it to compare against a distributed run of a meta model.
 
-Shard layout (the contract with codegen/emit's ParamShard):
-- tp: the full tensor is cut into `tp` equal pieces along `tp_dim`; piece `tp_index` is local.
-- fsdp: the tp-local tensor is flattened, zero-padded to a multiple of `dp`, and cut into `dp`
-  equal flat chunks; chunk `dp_index` is local (`numel_local` elements). Without fsdp the tp-local
-  tensor is replicated over dp.
+Each full tensor is cut into this rank's piece by codegen/params.py's shard_tensor (the one shard
+layout, described there).
 """
 
 from __future__ import annotations
@@ -24,6 +21,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from fxplan.codegen.params import ParamShard, shard_tensor
 from fxplan.errors import ModelError
 from fxplan._torch import own_buffers, own_parameters, shallow_copy_module
 
@@ -41,56 +39,6 @@ def is_meta_model(model: nn.Module) -> bool:
     return False
 
 
-# ---------------------------------------------------------------- slicing one tensor
-
-
-def tp_local(full: torch.Tensor, shard) -> torch.Tensor:
-    if shard.tp_dim is None or shard.tp == 1:
-        return full
-    return full.chunk(shard.tp, dim=shard.tp_dim)[shard.tp_index] if full.shape[shard.tp_dim] % shard.tp == 0 \
-        else _bad_split(shard, full)
-
-
-def _bad_split(shard, full):
-    raise ModelError(f"parameter {shard.name}: dim {shard.tp_dim} of shape {tuple(full.shape)} does not divide "
-                     f"by tp={shard.tp}; pick a plan with another tp for its layer")
-
-
-def fsdp_chunk_numel(numel: int, dp: int) -> int:
-    return -(-numel // dp)
-
-
-def local_shard(full: torch.Tensor, shard) -> torch.Tensor:
-    """This rank's piece of `full` (a new contiguous tensor, safe to free `full` after)."""
-    piece = tp_local(full, shard)
-    if getattr(shard, "fsdp", False):
-        flat = piece.reshape(-1)
-        chunk = fsdp_chunk_numel(flat.numel(), shard.dp)
-        padded = torch.zeros(chunk * shard.dp, dtype=flat.dtype, device=flat.device)
-        padded[: flat.numel()] = flat
-        piece = padded[shard.dp_index * chunk:(shard.dp_index + 1) * chunk]
-    return piece.detach().clone().contiguous()
-
-
-def unshard(pieces: Mapping[tuple, torch.Tensor], shard) -> torch.Tensor:
-    """Inverse of local_shard: pieces[(tp_index, fsdp_index)] -> the full tensor."""
-    tp = shard.tp if shard.tp_dim is not None else 1
-    tp_pieces = []
-    for t in range(tp):
-        if getattr(shard, "fsdp", False):
-            flat = torch.cat([pieces[(t, d)].reshape(-1) for d in range(shard.dp)])
-            shape = list(shard.global_shape)
-            if shard.tp_dim is not None:
-                shape[shard.tp_dim] //= tp
-            n = 1
-            for s in shape:
-                n *= s
-            tp_pieces.append(flat[:n].reshape(shape))
-        else:
-            tp_pieces.append(pieces[(t, None)])
-    return tp_pieces[0] if tp == 1 else torch.cat(tp_pieces, dim=shard.tp_dim)
-
-
 # ---------------------------------------------------------------- which module owns a state_dict key
 
 
@@ -105,6 +53,12 @@ def owners(model: nn.Module) -> dict[str, tuple[str, str]]:
             key = f"{mod_name}.{attr}" if mod_name else attr
             result[key] = seen.setdefault(id(tensor), (mod_name, attr))
     return result
+
+
+def state_key(own: Mapping[str, tuple[str, str]], key: str) -> str:
+    """The first owner's name for state_dict `key` (tied tensors share one), `key` itself if unknown."""
+    mod, attr = own.get(key, ("", key))
+    return f"{mod}.{attr}" if mod else attr
 
 
 def _init_module(model: nn.Module, mod_name: str, init_fn: Callable | None) -> nn.Module:
@@ -168,7 +122,7 @@ def full_model(model: nn.Module, init_fn: Callable | None = None) -> nn.Module:
     return real
 
 
-def shard_values(model: nn.Module, shards: Mapping[str, object], init_fn: Callable | None = None,
+def shard_values(model: nn.Module, shards: Mapping[str, ParamShard], init_fn: Callable | None = None,
                  device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """attr -> this rank's local tensor for each ParamShard in `shards` (attr -> ParamShard)."""
     own = owners(model)
@@ -184,7 +138,7 @@ def shard_values(model: nn.Module, shards: Mapping[str, object], init_fn: Callab
             if tuple(full.shape) != tuple(shard.global_shape):
                 raise ModelError(f"parameter {shard.name} has shape {tuple(full.shape)} in the model but "
                                  f"{tuple(shard.global_shape)} in the plan; recompile for this model")
-            local[attr] = local_shard(full, shard).to(device)
+            local[attr] = shard_tensor(full, shard).to(device)
         del full
     return local
 

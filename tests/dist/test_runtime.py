@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+from fxplan.codegen.params import fsdp_block, place_shard, shard_tensor, unshard
 from fxplan.runtime import materialize
 from fxplan.runtime.launch import run_torchrun
 from fxplan.errors import DistributedSetupError, ModelError
@@ -57,7 +58,7 @@ def test_runner_outside_torchrun_says_run_under_torchrun(monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(DistributedSetupError, match="torchrun"):
-        Runner(object())
+        Runner(object(), object(), object())
 
 
 class _Shard:
@@ -74,11 +75,11 @@ def test_local_shard_and_unshard_round_trip(tp_dim, tp, fsdp, dp):
     for t in range(tp):
         for d in range(dp):
             shard = _Shard((6, 4), tp_dim, tp, t, fsdp, dp, d)
-            local = materialize.local_shard(full, shard)
+            local = shard_tensor(full, shard)
             if fsdp:
-                assert local.numel() == materialize.fsdp_chunk_numel(full.numel() // tp, dp)
+                assert local.numel() == fsdp_block(full.numel() // tp, dp)
             pieces[(t, d if fsdp else None)] = local
-    assert torch.equal(materialize.unshard(pieces, _Shard((6, 4), tp_dim, tp, 0, fsdp, dp, 0)), full)
+    assert torch.equal(unshard(pieces, _Shard((6, 4), tp_dim, tp, 0, fsdp, dp, 0)), full)
 
 
 @pytest.mark.parametrize("tp_dim,tp,fsdp,dp", [(None, 1, False, 1), (1, 2, False, 2), (0, 3, True, 2),
@@ -86,16 +87,14 @@ def test_local_shard_and_unshard_round_trip(tp_dim, tp, fsdp, dp):
 def test_shared_weight_grads_scatter_into_the_full_tensor(tp_dim, tp, fsdp, dp):
     # the cross-stage sum of a tied weight: every piece scattered into a zero full tensor and summed
     # gives the full tensor back, and each holder cuts exactly its own shard out of the sum
-    from fxplan.runtime.runner import _scatter_full
-
     full = torch.randn(6, 4)
     total = torch.zeros_like(full)
     for t in range(tp):
         for d in range(dp if fsdp else 1):
             shard = _Shard((6, 4), tp_dim, tp, t, fsdp, dp, d)
-            local = materialize.local_shard(full, shard)
-            placed = _scatter_full(local, shard)
-            assert torch.equal(materialize.local_shard(placed, shard), local)
+            local = shard_tensor(full, shard)
+            placed = place_shard(local, shard)
+            assert torch.equal(shard_tensor(placed, shard), local)
             total += placed
     assert torch.equal(total, full)
 

@@ -3,7 +3,7 @@
 One torchrun launch (4 gloo ranks) per model runs all its plans (tests/dist/workers/runtime_matrix_worker.py):
 3 SGD steps vs the same steps on one device; per rank the parameter tensors it stores, the rows
 each linear/embedding/conv of its forward received, and the collectives the steps executed
-(codegen.collectives.counts(), counted while running: nothing here is read from the plan).
+(runner.count_collectives(), counted while running: nothing here is read from the plan).
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@ local shapes, and that the forward (and backward) run with those shapes. No real
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import pytest
@@ -10,8 +11,10 @@ import torch
 import torch.distributed as dist
 
 import codegen_fixtures as fx_
-from fxplan.runtime import collectives, groups
 from fxplan.codegen.emit import emit_rank
+from fxplan.codegen.groups import required_group_keys
+from fxplan.runtime.collectives import GRAPH_OPS
+from fxplan.runtime.comm import Communicator
 
 WORLD = 8
 
@@ -25,10 +28,14 @@ def gpt():
 def fake_pg():
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    def start(rank):
-        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=WORLD)
-    yield start
-    groups.clear()
+    with contextlib.ExitStack() as installed:
+        def start(rank, plan):
+            """Join the fake group as `rank`; a communicator with the plan's groups, installed."""
+            dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=WORLD)
+            comm = installed.enter_context(Communicator().installed())
+            comm.groups.create(required_group_keys(plan))
+            return comm
+        yield start
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -46,7 +53,7 @@ def _block(code: str, i: int) -> str:
 def test_tp8_megatron_block(gpt, fake_pg):
     model, inputs, traced, lg, space = gpt
     plan = fx_.make_plan(lg, WORLD, lambda layer: 0, fx_.uniform(1, WORLD, space))
-    prog = emit_rank(traced, lg, space, plan, 3)
+    prog = emit_rank(traced, lg, space, plan, 3, ops=GRAPH_OPS)
     code = _code(prog)
     for i in range(2):
         block = _block(code, i)
@@ -60,13 +67,12 @@ def test_tp8_megatron_block(gpt, fake_pg):
     heads = 8
     views = [n for n in prog.gm.graph.nodes if n.op == "call_method" and n.target == "view"]
     assert views and all(v.args[1][2] == heads // WORLD for v in views)  # local heads
-    fake_pg(3)
-    groups.create_groups(groups.required_group_keys(plan, lg, space))
-    collectives.reset_counts()
-    loss = prog.gm(*inputs)  # shapes must line up; values are garbage on the fake group
-    assert loss.shape == ()
-    loss.backward()
-    counts = collectives.counts()
+    comm = fake_pg(3, plan)
+    with comm.observe() as counter:
+        loss = prog.gm(*inputs)  # shapes must line up; values are garbage on the fake group
+        assert loss.shape == ()
+        loss.backward()
+    counts = counter.snapshot()
     fwd_g = sum(c.calls for (kind, _, phase), c in counts.items() if kind == "all_reduce" and phase == "fwd")
     bwd_ar = sum(c.calls for (kind, _, phase), c in counts.items() if kind == "all_reduce" and phase == "bwd")
     assert fwd_g == len(re.findall(r"= fxplan_tp_all_reduce\(", code))
@@ -78,7 +84,7 @@ def test_fsdp_plan_gathers_parameters(gpt, fake_pg):
     one reduce-scatter per layer backward, each parameter still stored as its own 1/dp block."""
     _, inputs, traced, lg, space = gpt
     plan = fx_.make_plan(lg, WORLD, lambda layer: 0, fx_.uniform(WORLD, 1, fsdp=True))
-    prog = emit_rank(traced, lg, space, plan, 5)
+    prog = emit_rank(traced, lg, space, plan, 5, ops=GRAPH_OPS)
     code = _code(prog)
     fsdp = {a: s for a, s in prog.params.items() if s.fsdp}
     assert len(fsdp) == len(prog.params)
@@ -93,11 +99,10 @@ def test_fsdp_plan_gathers_parameters(gpt, fake_pg):
     for attr, s in fsdp.items():
         assert s.dp_index == 5 and s.dp_group == "dp:0,1,2,3,4,5,6,7"
         assert getattr(prog.gm, attr).shape == (-(-torch.Size(s.global_shape).numel() // WORLD),)
-    fake_pg(5)
-    groups.create_groups(groups.required_group_keys(plan, lg, space))
-    collectives.reset_counts()
-    prog.gm(*inputs).backward()
-    counts = collectives.counts()
+    comm = fake_pg(5, plan)
+    with comm.observe() as counter:
+        prog.gm(*inputs).backward()
+    counts = counter.snapshot()
     kinds = {(k, phase): c.calls for (k, _, phase), c in counts.items()}
     assert kinds == {("all_gather", "fwd"): len(units), ("reduce_scatter", "bwd"): len(units)}
     # every FSDP shard got a gradient of its stored shape (async reduce-scatters were waited for)
@@ -109,7 +114,7 @@ def test_fsdp_plan_gathers_parameters(gpt, fake_pg):
 def test_dp_plan_slices_rows_and_scales_loss(gpt):
     _, inputs, traced, lg, space = gpt
     plan = fx_.make_plan(lg, WORLD, lambda layer: 0, fx_.uniform(WORLD, 1), microbatches=1)
-    prog = emit_rank(traced, lg, space, plan, 5)
+    prog = emit_rank(traced, lg, space, plan, 5, ops=GRAPH_OPS)
     code = _code(prog)
     assert "fxplan_rows(tokens, 0, 5, 8, '')" in code and "fxplan_rows(targets, 0, 5, 8, '')" in code
     assert "* 0.125" in code and prog.loss_scale == 0.125
@@ -129,7 +134,7 @@ def test_pipeline_stage_layouts(gpt):
             return fx_.uniform(1, 4, space)(layer)
         return fx_.uniform(4, 1)(layer)
     plan = fx_.make_plan(lg, WORLD, lambda layer: int(layer.index >= n // 2), strategy)
-    first, second = emit_rank(traced, lg, space, plan, 2), emit_rank(traced, lg, space, plan, 6)
+    first, second = (emit_rank(traced, lg, space, plan, r, ops=GRAPH_OPS) for r in (2, 6))
     assert second.inputs == first.outputs and second.input_layouts == first.output_layouts
     # rows regrouped from dp=4 to dp=1 over the stage's ranks 4..7 (an all-gather of the rows)
     assert "fxplan_regroup_rows(" in _code(second) and "'rows:4,5,6,7'" in _code(second)
@@ -141,16 +146,13 @@ def test_tied_weight_copy_on_later_tp_stage(gpt, fake_pg):
     _, inputs, traced, lg, space = gpt
     n = len(lg.layers)
     plan = fx_.make_plan(lg, WORLD, lambda layer: int(layer.index >= n // 2), fx_.uniform(1, 4, space))
-    first, second = emit_rank(traced, lg, space, plan, 0), emit_rank(traced, lg, space, plan, 4)
+    first, second = (emit_rank(traced, lg, space, plan, r, ops=GRAPH_OPS) for r in (0, 4))
     shared = {s.name for s in first.params.values()} & {s.name for s in second.params.values()}
     assert shared, "the fixture's GPT ties its embedding and head"
-    fake_pg(0)
-    groups.create_groups(groups.required_group_keys(plan, lg, space))
+    fake_pg(0, plan)
     sent = [t.detach().requires_grad_(t.is_floating_point()) for t in first.gm(*inputs)]
-    groups.clear()
     dist.destroy_process_group()
-    fake_pg(4)
-    groups.create_groups(groups.required_group_keys(plan, lg, space))
+    comm = fake_pg(4, plan)
     loss = second.gm(*sent)
     loss.backward()
     for attr, s in second.params.items():
@@ -168,23 +170,20 @@ def test_fsdp_split_backward_input_then_weight(gpt, fake_pg):
     _, inputs, traced, lg, space = gpt
     n = len(lg.layers)
     plan = fx_.make_plan(lg, WORLD, lambda layer: int(layer.index >= n // 2), fx_.uniform(4, 1, fsdp=True))
-    first, second = emit_rank(traced, lg, space, plan, 0), emit_rank(traced, lg, space, plan, 4)
-    fake_pg(0)
-    groups.create_groups(groups.required_group_keys(plan, lg, space))
+    first, second = (emit_rank(traced, lg, space, plan, r, ops=GRAPH_OPS) for r in (0, 4))
+    fake_pg(0, plan)
     sent = [t.detach().requires_grad_(t.is_floating_point()) for t in first.gm(*inputs)]
-    groups.clear()
     dist.destroy_process_group()
-    fake_pg(4)
-    groups.create_groups(groups.required_group_keys(plan, lg, space))
-    collectives.reset_counts()
-    loss = second.gm(*sent)
-    params = list(second.gm.parameters())
-    _, param_groups = backward.stage_backward_input([loss], None, [t for t in sent if t.requires_grad], params)
-    backward.stage_backward_weight(params, param_groups)
-    assert not collectives._PENDING
+    comm = fake_pg(4, plan)
+    with comm.observe() as counter:
+        loss = second.gm(*sent)
+        params = list(second.gm.parameters())
+        _, param_groups = backward.stage_backward_input([loss], None, [t for t in sent if t.requires_grad], params)
+        backward.stage_backward_weight(params, param_groups)
+    assert not comm.deferred
     units = {s.fsdp_unit for s in second.params.values() if s.fsdp}
     assert len(units) == n - n // 2
-    rs = sum(c.calls for (k, _, phase), c in collectives.counts().items() if k == "reduce_scatter" and phase == "bwd")
+    rs = sum(c.calls for (k, _, phase), c in counter.snapshot().items() if k == "reduce_scatter" and phase == "bwd")
     assert rs == len(units)
     for attr, s in second.params.items():
         if s.fsdp:

@@ -6,11 +6,12 @@ import pytest
 import torch
 
 import codegen_fixtures as fx_
-from fxplan.runtime import groups
+from fxplan.codegen import groups
 from fxplan.codegen.emit import emit_rank
-from fxplan.codegen.params import ParamShard, shard_tensor, unshard
+from fxplan.codegen.params import ParamShard, shard_tensor, unshard_ranks
 from fxplan.codegen.split import split_stages
 from fxplan.plan import Strategy
+from fxplan.runtime.collectives import GRAPH_OPS
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def test_split_rejects_out_of_order_assignment(gpt):
 def test_world_of_one_equals_model(gpt):
     model, inputs, traced, lg, space = gpt
     plan = fx_.make_plan(lg, 1, lambda layer: 0, fx_.uniform(1, 1))
-    prog = emit_rank(traced, lg, space, plan, 0)
+    prog = emit_rank(traced, lg, space, plan, 0, ops=GRAPH_OPS)
     assert "fxplan_" not in prog.gm.code  # nothing to communicate
     model.zero_grad()
     ref = model(*inputs)
@@ -72,7 +73,7 @@ def test_dp_ranks_sum_to_model(gpt, pp, dp, microbatches):
     n = len(lg.layers)
     stage_of = (lambda layer: 0) if pp == 1 else (lambda layer: int(layer.index >= n // 2))
     plan = fx_.make_plan(lg, pp * dp, stage_of, fx_.uniform(dp, 1), microbatches=microbatches)
-    progs = [emit_rank(traced, lg, space, plan, r) for r in range(pp * dp)]
+    progs = [emit_rank(traced, lg, space, plan, r, ops=GRAPH_OPS) for r in range(pp * dp)]
     assert f"fxplan_rows(tokens, 0, 1, {dp}, '')" in progs[1].gm.code.replace("fxplan_runtime_collectives_", "")
     total = 0.0
     per = inputs[0].shape[0] // microbatches
@@ -100,12 +101,12 @@ def test_dp_ranks_sum_to_model(gpt, pp, dp, microbatches):
 def test_meta_params_and_given_state_dict(gpt):
     model, inputs, traced, lg, space = gpt
     plan = fx_.make_plan(lg, 2, lambda layer: 0, fx_.uniform(2, 1, fsdp=True))
-    prog = emit_rank(traced, lg, space, plan, 1, params="meta")
+    prog = emit_rank(traced, lg, space, plan, 1, params="meta", ops=GRAPH_OPS)
     for attr, shard in prog.params.items():
         t = getattr(prog.gm, attr)
         assert t.is_meta and tuple(t.shape) == shard.stored_shape
     state = {k: torch.full_like(v, 3.0) for k, v in model.state_dict().items()}
-    prog = emit_rank(traced, lg, space, plan, 1, params=state)
+    prog = emit_rank(traced, lg, space, plan, 1, params=state, ops=GRAPH_OPS)
     shard = next(s for s in prog.params.values() if s.fsdp)
     assert shard.numel_local == -(-torch.Size(shard.global_shape).numel() // 2)
     assert torch.all(getattr(prog.gm, next(a for a, s in prog.params.items() if s.fsdp)) == 3.0)
@@ -118,7 +119,7 @@ def test_shard_tensor_roundtrip():
         shards[r] = ParamShard("w", (7, 6), 1, 2, r % 2, True, 3, r // 2, "dp", 7, True, (7, 3), (7,))
     pieces = {r: shard_tensor(full, s) for r, s in shards.items()}
     assert all(p.shape == (7,) for p in pieces.values())
-    torch.testing.assert_close(unshard(pieces, shards), full)
+    torch.testing.assert_close(unshard_ranks(pieces, shards), full)
 
 
 def test_required_group_keys_deterministic(gpt):
@@ -127,14 +128,14 @@ def test_required_group_keys_deterministic(gpt):
     def strategy(layer):
         return Strategy(2, 2, spec=fx_.megatron_label(space, layer, 2)) if layer.index % 2 else Strategy(4, 1)
     plan = fx_.make_plan(lg, 8, lambda layer: int(layer.index >= 2), strategy)
-    keys = groups.required_group_keys(plan, lg, space)
-    assert keys == groups.required_group_keys(plan, lg, space)
+    keys = groups.required_group_keys(plan)
+    assert keys == groups.required_group_keys(plan)
     sets = {groups.ranks_of(k) for k in keys}
     assert (0, 1) in sets and (4, 5) in sets  # tp groups (tp innermost) of both stages
     assert (0, 2) in sets and (1, 3) in sets  # dp groups of the (2, 2) mesh
     assert (0, 1, 2, 3) in sets and (0, 4) in sets and (3, 7) in sets  # stage-wide, pipeline lanes
     assert all(len(s) > 1 for s in sets)
     for r in range(8):  # everything a rank's graph uses is created
-        used = {groups.ranks_of(k) for k in emit_rank(traced, lg, space, plan, r).group_keys}
+        used = {groups.ranks_of(k) for k in emit_rank(traced, lg, space, plan, r, ops=GRAPH_OPS).group_keys}
         assert used, "the mixed (4,1) -> (2,2) layouts must convert"
         assert {tuple(sorted(u)) for u in used} <= sets

@@ -14,6 +14,7 @@ import codegen_fixtures as fx_
 from fxplan.codegen.emit import emit_rank
 from fxplan.codegen.recompute import LAYER_META, recompute_pass
 from fxplan.plan import Strategy
+from fxplan.runtime.collectives import GRAPH_OPS
 
 GPT_DROPOUT = fx_.GPT + ",dropout=0.1"  # random ops inside the recomputed layers must replay
 
@@ -38,7 +39,7 @@ def test_world_of_one_recompute_equals_model(gpt):
     model, inputs, traced, lg, space = gpt
     blocks = {layer.name for layer in lg.layers if layer.name.startswith("blocks")}
     assert blocks
-    prog = emit_rank(traced, lg, space, _plan(lg, blocks | {"embed"}), 0)
+    prog = emit_rank(traced, lg, space, _plan(lg, blocks | {"embed"}), 0, ops=GRAPH_OPS)
     code = prog.gm.code
     assert code.count("checkpoint(") == len(blocks) + 1
     regions = {name for name, _ in prog.gm.named_children()}
@@ -57,7 +58,7 @@ def test_world_of_one_recompute_equals_model(gpt):
 
 def test_no_recompute_no_checkpoint(gpt):
     _, _, traced, lg, space = gpt
-    prog = emit_rank(traced, lg, space, _plan(lg, set()), 0)
+    prog = emit_rank(traced, lg, space, _plan(lg, set()), 0, ops=GRAPH_OPS)
     assert "checkpoint" not in prog.gm.code and not list(prog.gm.named_children())
 
 
@@ -70,7 +71,7 @@ def test_in_layer_collectives_move_into_regions(gpt):
     def program(recompute):
         def strategy(layer):
             return Strategy(1, 2, recompute=layer.name in recompute, spec=fx_.megatron_label(space, layer, 2))
-        return emit_rank(traced, lg, space, fx_.make_plan(lg, 2, lambda layer: 0, strategy), 1).gm
+        return emit_rank(traced, lg, space, fx_.make_plan(lg, 2, lambda layer: 0, strategy), 1, ops=GRAPH_OPS).gm
 
     def collectives(gm):
         calls = [n.target.__name__ for n in gm.graph.nodes
@@ -110,7 +111,7 @@ def test_recompute_saves_fewer_activations(gpt):
     blocks = [layer.name for layer in lg.layers if layer.name.startswith("blocks")]
     measured = []
     for k in range(len(blocks) + 1):  # recompute on the first k blocks
-        gm = emit_rank(traced, lg, space, _plan(lg, set(blocks[:k])), 0).gm
+        gm = emit_rank(traced, lg, space, _plan(lg, set(blocks[:k])), 0, ops=GRAPH_OPS).gm
         measured.append(_saved_activations(gm, inputs))
     for (n_less, b_less), (n_more, b_more) in zip(measured[1:], measured):
         assert n_less < n_more and b_less < b_more, measured
@@ -128,7 +129,7 @@ def test_split_backward_input_then_weight_with_recompute(gpt):
     for rc in (False, True):
         plan = fx_.make_plan(lg, 2, lambda layer: int(layer.index >= 1),
                              lambda layer: Strategy(1, 1, recompute=rc and layer.name.startswith("blocks")))
-        first, second = (emit_rank(traced, lg, space, plan, r) for r in (0, 1))
+        first, second = (emit_rank(traced, lg, space, plan, r, ops=GRAPH_OPS) for r in (0, 1))
         assert ("checkpoint(" in second.gm.code) == rc
         torch.manual_seed(0)
         sent = [t.detach().requires_grad_(t.is_floating_point()) for t in first.gm(*inputs)]

@@ -22,20 +22,22 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
 
 import codegen_fixtures as fx_  # noqa: E402
 
-from fxplan.runtime import collectives, groups  # noqa: E402
 from fxplan.codegen.emit import emit_rank  # noqa: E402
-from fxplan.codegen.params import unshard  # noqa: E402
+from fxplan.codegen.groups import required_group_keys  # noqa: E402
+from fxplan.codegen.params import unshard_ranks  # noqa: E402
+from fxplan.runtime.collectives import GRAPH_OPS  # noqa: E402
+from fxplan.runtime.comm import Communicator  # noqa: E402
 from fxplan.plan import Strategy  # noqa: E402
 
 
-def check(name, plan, model, inputs, traced, lg, space):
+def check(name, comm, plan, model, inputs, traced, lg, space):
     rank, world = dist.get_rank(), dist.get_world_size()
-    groups.create_groups(groups.required_group_keys(plan, lg, space))
-    prog = emit_rank(traced, lg, space, plan, rank)
-    collectives.reset_counts()
-    loss = prog.gm(*inputs)
-    loss.backward()
-    ran = collectives.counts()
+    comm.groups.create(required_group_keys(plan))
+    prog = emit_rank(traced, lg, space, plan, rank, ops=GRAPH_OPS)
+    with comm.observe() as counter:
+        loss = prog.gm(*inputs)
+        loss.backward()
+    ran = counter.snapshot()
     grads = {attr: prog.gm.get_parameter(attr).grad.detach().clone() for attr, s in prog.params.items()
              if s.requires_grad}
     everything = [None] * world
@@ -60,7 +62,7 @@ def check(name, plan, model, inputs, traced, lg, space):
                 if not s0.fsdp:  # dp-partial: sum over the ranks holding the same tp piece
                     g = sum(everything[o][3][attr] for o in range(world) if shard_of[o].tp_index == shard_of[r].tp_index)
                 pieces[r] = g
-            full = unshard(pieces, shard_of)
+            full = unshard_ranks(pieces, shard_of)
             torch.testing.assert_close(full, ref_grads[s0.name], rtol=1e-4, atol=1e-5, msg=f"{name}: {s0.name}")
             checked.add(s0.name)
         assert checked == set(ref_grads), (name, set(ref_grads) - checked)
@@ -73,7 +75,7 @@ def calls(counts, phase, kind=None):
     return sum(c.calls for (k, _, ph), c in counts.items() if ph == phase and kind in (None, k))
 
 
-def recompute_cases(model, inputs, traced, lg, space):
+def recompute_cases(comm, model, inputs, traced, lg, space):
     """tp / FSDP / mixed plans with recompute: exact, and the forward collectives ran again."""
     world = dist.get_world_size()
     one = lambda layer: 0  # noqa: E731
@@ -94,9 +96,9 @@ def recompute_cases(model, inputs, traced, lg, space):
     for name, strategy, which in (("tp", fx_.uniform(1, world, space), everything),
                                   ("dp_fsdp", fx_.uniform(world, 1, fsdp=True), everything),
                                   ("mixed", mixed, not_embed)):
-        base = check(name, fx_.make_plan(lg, world, one, strategy), model, inputs, traced, lg, space)
-        rc = check(name + "_rc", fx_.make_plan(lg, world, one, with_rc(strategy, which)), model, inputs, traced,
-                   lg, space)
+        base = check(name, comm, fx_.make_plan(lg, world, one, strategy), model, inputs, traced, lg, space)
+        rc = check(name + "_rc", comm, fx_.make_plan(lg, world, one, with_rc(strategy, which)), model, inputs,
+                   traced, lg, space)
         # Recomputation re-runs forward collectives (during backward); backward ones are unchanged.
         assert calls(rc, "fwd") > calls(base, "fwd"), (name, calls(rc, "fwd"), calls(base, "fwd"))
         assert calls(rc, "bwd") == calls(base, "bwd"), (name, calls(rc, "bwd"), calls(base, "bwd"))
@@ -104,32 +106,32 @@ def recompute_cases(model, inputs, traced, lg, space):
             print(f"CASE {name}_rc collectives fwd {calls(base, 'fwd')} -> {calls(rc, 'fwd')}", flush=True)
 
 
-def fsdp_paths(model, inputs, traced, lg, space):
+def fsdp_paths(comm, model, inputs, traced, lg, space):
     """The FSDP unit's three gradient paths agree: async reduce-scatter finished by the end-of-backward
     callback (.backward()), synchronous (autograd.grad), and emulated collectives (a torch whose gloo
     lacks reduce_scatter_tensor / all_gather_into_tensor); a second backward accumulates."""
     world = dist.get_world_size()
     plan = fx_.make_plan(lg, world, lambda layer: 0, fx_.uniform(world, 1, fsdp=True))
-    groups.create_groups(groups.required_group_keys(plan, lg, space))
-    prog = emit_rank(traced, lg, space, plan, dist.get_rank())
+    comm.groups.create(required_group_keys(plan))
+    prog = emit_rank(traced, lg, space, plan, dist.get_rank(), ops=GRAPH_OPS)
     attrs = [a for a, s in prog.params.items() if s.fsdp]
     shards = [prog.gm.get_parameter(a) for a in attrs]
     assert len({prog.params[a].fsdp_unit for a in attrs}) < len(attrs)  # units hold several parameters
 
     synced = torch.autograd.grad(prog.gm(*inputs), shards)
     drained = []  # how many async reduce-scatters each end-of-backward callback finished
-    real_wait = collectives.wait_pending
-    collectives.wait_pending = lambda: (drained.append(len(collectives._PENDING)), real_wait())
+    real_finish = comm.finish_deferred
+    comm.finish_deferred = lambda: (drained.append(len(comm.deferred)), real_finish())
     try:
         prog.gm(*inputs).backward()
     finally:
-        collectives.wait_pending = real_wait
+        del comm.finish_deferred  # the class's method again
     units = {prog.params[a].fsdp_unit for a in attrs}
-    assert sum(drained) == len(units) and not collectives._PENDING, drained
+    assert sum(drained) == len(units) and not comm.deferred, drained
     for a, p, g in zip(attrs, shards, synced):
         torch.testing.assert_close(p.grad, g, rtol=0, atol=0, msg=a)
     if hasattr(dist, "reduce_scatter_single"):  # torch 2.13: gloo runs both flat ops natively
-        assert collectives.native_support() == {("all_gather", "gloo"): True, ("reduce_scatter", "gloo"): True}
+        assert comm.native_support() == {("all_gather", "gloo"): True, ("reduce_scatter", "gloo"): True}
     seen = []  # a hook on a shard: its unit falls back to the synchronous path, the hook sees the grad
     shards[0].register_post_accumulate_grad_hook(lambda p: seen.append(p.grad.clone()))
     prog.gm(*inputs).backward()
@@ -141,20 +143,18 @@ def fsdp_paths(model, inputs, traced, lg, space):
         raise RuntimeError("ProcessGroupGloo does not support this collective")
     names = ("all_gather_single", "reduce_scatter_single", "all_gather_into_tensor", "reduce_scatter_tensor")
     saved = {n: getattr(dist, n) for n in names if hasattr(dist, n)}
-    saved_native = dict(collectives._NATIVE)
     try:
         for n in saved:
             setattr(dist, n, unsupported)
-        collectives._NATIVE.clear()
-        for p in shards:
-            p.grad = None
-        prog.gm(*inputs).backward()
-        assert collectives.native_support() == {("all_gather", "gloo"): False, ("reduce_scatter", "gloo"): False}
+        # a communicator of its own (same groups) learns afresh that the native ops are missing
+        with Communicator(comm.groups).installed() as emulated:
+            for p in shards:
+                p.grad = None
+            prog.gm(*inputs).backward()
+        assert emulated.native_support() == {("all_gather", "gloo"): False, ("reduce_scatter", "gloo"): False}
     finally:
         for n, fn in saved.items():
             setattr(dist, n, fn)
-        collectives._NATIVE.clear()
-        collectives._NATIVE.update(saved_native)
     for a, p, g in zip(attrs, shards, synced):
         torch.testing.assert_close(p.grad, g, msg=a)
     if dist.get_rank() == 0:
@@ -164,23 +164,25 @@ def fsdp_paths(model, inputs, traced, lg, space):
 
 def main():
     dist.init_process_group("gloo")
+    comm = Communicator().install()
     world = dist.get_world_size()
     model, inputs, traced, lg, space = fx_.setup(tp_degrees=(world,))
     if sys.argv[1:] == ["recompute"]:
-        recompute_cases(model, inputs, traced, lg, space)
+        recompute_cases(comm, model, inputs, traced, lg, space)
         dist.destroy_process_group()
         return
     one = lambda layer: 0  # noqa: E731
 
-    check("tp", fx_.make_plan(lg, world, one, fx_.uniform(1, world, space)), model, inputs, traced, lg, space)
-    check("dp_fsdp", fx_.make_plan(lg, world, one, fx_.uniform(world, 1, fsdp=True)), model, inputs, traced, lg, space)
+    check("tp", comm, fx_.make_plan(lg, world, one, fx_.uniform(1, world, space)), model, inputs, traced, lg, space)
+    check("dp_fsdp", comm, fx_.make_plan(lg, world, one, fx_.uniform(world, 1, fsdp=True)), model, inputs, traced,
+          lg, space)
 
     def mixed(layer):  # embed / head data-parallel, blocks tensor-parallel (FSDP on the head)
         if layer.name.startswith("blocks"):
             return Strategy(1, world, spec=fx_.megatron_label(space, layer, world))
         return Strategy(world, 1, fsdp=layer.name == lg.layers[-1].name)
-    check("mixed", fx_.make_plan(lg, world, one, mixed), model, inputs, traced, lg, space)
-    fsdp_paths(model, inputs, traced, lg, space)
+    check("mixed", comm, fx_.make_plan(lg, world, one, mixed), model, inputs, traced, lg, space)
+    fsdp_paths(comm, model, inputs, traced, lg, space)
     dist.destroy_process_group()
 
 

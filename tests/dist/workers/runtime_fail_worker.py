@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 import fxplan
-from fxplan.runtime.runner import init_default_group
+from fxplan.runtime.process import init_default_group
 from fxplan.errors import DistributedSetupError
 from fxplan.models import build
 

@@ -8,7 +8,7 @@ constraints=Constraints(...))`, or a Plan built/edited by hand and given back th
 parameters per device). For each plan: 3 SGD steps through Runner.train_step next to the same 3
 steps on one device; rank 0 prints `RESULT {json}` with losses, the parameter difference, and per
 rank the local parameter numel (per parameter), the rows every linear/embedding/conv of the forward
-saw, and the collectives the three steps executed (collectives.counts(), counted at run time).
+saw, and the collectives the three steps executed (runner.count_collectives(), counted at run time).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 import fxplan
-from fxplan.runtime import collectives
 from fxplan.demo import train_beside_one_device
 from fxplan.plan import Plan, Stage, Strategy
 
@@ -259,10 +258,10 @@ def run_plan(model_name: str, plan_name: str) -> dict:
     compiled = make_plan(plan_name, model, data[0])
     plan = compiled.plan
     runner = compiled.distribute()
-    collectives.reset_counts()
     counter = RowCounter()
-    losses, ref_losses = train_beside_one_device(runner, reference, data, lr=LR, around_step=lambda: counter)
-    counts = [[k[0], k[1], k[2], c.calls, c.nbytes] for k, c in sorted(collectives.counts().items())]
+    with runner.count_collectives() as ran:
+        losses, ref_losses = train_beside_one_device(runner, reference, data, lr=LR, around_step=lambda: counter)
+    counts = [[k[0], k[1], k[2], c.calls, c.nbytes] for k, c in sorted(ran.snapshot().items())]
     full, ref_state = runner.full_state_dict(), reference.state_dict()
     diffs = {k: float((full[k].float() - ref_state[k].float()).abs().max()) for k in ref_state if k in full}
     close = all(k in full and torch.allclose(full[k].float(), v.float(), rtol=1e-4, atol=1e-5)
@@ -296,7 +295,7 @@ def main() -> None:
                                            "mixed,free")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    from fxplan.runtime.runner import init_default_group
+    from fxplan.runtime.process import init_default_group
 
     init_default_group()
     failed = False

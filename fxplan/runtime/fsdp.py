@@ -1,0 +1,108 @@
+"""One FSDP unit (a layer's FSDP parameters on one dp group): ONE all-gather, ONE reduce-scatter.
+
+Each shard is its parameter's flat 1/dp block (codegen/params.py). Forward concatenates this rank's
+blocks, all-gathers the concatenation (member-major: [member][param block]) and copies each
+parameter's blocks out into its tp-local shape. Backward writes each gradient into the same
+member-major layout (padding stays zero) and reduce-scatters (SUM) it: this rank's slice holds
+exactly its blocks' summed gradients.
+
+Overlap: when the autograd engine is about to accumulate every shard's gradient into its .grad (a
+plain .backward(), not autograd.grad), the reduce-scatter is launched asynchronously and the
+backward returns no gradient for the shards; the communicator's `finish_deferred`, queued as the
+engine's end-of-backward callback, waits for it and accumulates into the shards' .grad. Meanwhile
+the engine computes the earlier layers' backward. Otherwise the reduce-scatter runs synchronously
+and the gradients are returned as usual.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fxplan._torch import has_grad_hooks, queue_end_of_backward, will_engine_execute
+from fxplan.runtime.comm import Communicator
+from fxplan.runtime.flat_ops import Pending, gather_flat, reduce_scatter_flat
+
+
+class FsdpGatherLayer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, comm, key, shapes, *shards):
+        n = comm.size(key)
+        blocks = [s.numel() for s in shards]
+        ctx.comm, ctx.key, ctx.shapes, ctx.blocks, ctx.dtype = comm, key, shapes, blocks, shards[0].dtype
+        flats = [s.detach().reshape(-1) for s in shards]
+        mine = torch.cat(flats) if len(flats) > 1 else flats[0]
+        out = mine.new_empty(n * mine.numel())
+        gather_flat(comm, out, mine, key).wait()
+        comm.record("all_gather", key, "fwd", out)
+        grid = out.view(n, -1)
+        fulls, offset = [], 0
+        for block, shape in zip(blocks, shapes):
+            flat = out if len(blocks) == 1 else grid[:, offset:offset + block].reshape(-1)  # the copy-out
+            fulls.append(flat[:math.prod(shape)].view(shape))
+            offset += block
+        return tuple(fulls)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        comm, n, blocks = ctx.comm, ctx.comm.size(ctx.key), ctx.blocks
+        total = sum(blocks)
+        send = torch.empty((n, total), dtype=ctx.dtype, device=grads[0].device)
+        offset = 0
+        for grad, block in zip(grads, blocks):
+            flat = grad.reshape(-1).to(ctx.dtype)
+            dst = send[:, offset:offset + block]
+            if flat.numel() < n * block:  # padding of the last block: zero gradient
+                flat = torch.cat([flat, flat.new_zeros(n * block - flat.numel())])
+            dst.copy_(flat.view(n, block))
+            offset += block
+        out = send.new_empty(total)
+        comm.record("reduce_scatter", ctx.key, "bwd", send)
+        no_grads = (None, None, None)  # comm, key, shapes
+        leaves = _leaves_accumulated(ctx, len(blocks))
+        if leaves is not None and _defer_to_end_of_backward(comm):
+            pending = reduce_scatter_flat(comm, out, send.view(-1), ctx.key, async_op=True)
+            comm.deferred.append(lambda: _accumulate(pending, out, blocks, leaves))
+            return no_grads + (None,) * len(blocks)
+        reduce_scatter_flat(comm, out, send.view(-1), ctx.key).wait()
+        return no_grads + tuple(out.split(blocks))
+
+
+def _leaves_accumulated(ctx, count: int):
+    """The shard Parameters if the engine will accumulate all their gradients into .grad, else None."""
+    try:
+        nodes = [fn for fn, _ in ctx.next_functions]  # one per tensor input: the shards
+        if len(nodes) != count:
+            return None
+        leaves = []
+        for fn in nodes:
+            var = getattr(fn, "variable", None)  # AccumulateGrad nodes know their leaf
+            if var is None or not will_engine_execute(fn):
+                return None
+            if has_grad_hooks(var):
+                return None  # hooks on the shard expect the engine to deliver its gradient
+            leaves.append(var)
+        return leaves
+    except (AttributeError, RuntimeError):  # autograd.grad() capturing leaves, or an older torch
+        return None
+
+
+def _defer_to_end_of_backward(comm: Communicator) -> bool:
+    try:
+        queue_end_of_backward(comm.finish_deferred)
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _accumulate(pending: Pending, out: torch.Tensor, blocks: list[int], leaves: list) -> None:
+    """Wait for one unit's reduce-scatter and add its gradients into the shards' .grad."""
+    pending.wait()
+    with torch.no_grad():
+        for leaf, grad in zip(leaves, out.split(blocks)):
+            grad = grad.view_as(leaf)
+            if leaf.grad is None:
+                leaf.grad = grad
+            else:
+                leaf.grad.add_(grad)
