@@ -1,4 +1,4 @@
-"""Planner benchmark: prints the figures issue 4 asks for, side by side with their anchors.
+"""Planner benchmark: prints the planner's figures side by side with their anchors.
 
     .venv/bin/python bench/plan_bench.py            # all sections
     .venv/bin/python bench/plan_bench.py --quick    # skip the 175B case

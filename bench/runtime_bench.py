@@ -1,4 +1,4 @@
-"""Runtime benchmark: fxplan's step time against torch's own parallel wrappers (issue 5, point 5).
+"""Runtime benchmark: fxplan's step time against torch's own parallel wrappers (DDP, Schedule1F1B, FSDP2).
 
     .venv/bin/python bench/runtime_bench.py              # plans, then ONE torchrun of 4 gloo ranks
 

@@ -1,6 +1,6 @@
 """fxplan: automatic hybrid-parallel training plans for PyTorch models.
 
-See README.md and API.md. The public names are re-exported here.
+See README.md. The public names are re-exported here.
 """
 
 import importlib.util as _util
@@ -59,7 +59,7 @@ from fxplan.constraints import Constraints  # noqa: E402
 from fxplan.plan import Plan, SolverInfo, Stage, Strategy  # noqa: E402
 
 
-def compile(*args, **kwargs):  # noqa: A001 - the public name is fixed by API.md
+def compile(*args, **kwargs):  # noqa: A001 - the public name is part of the contract
     from fxplan.api import compile as _compile
 
     return _compile(*args, **kwargs)

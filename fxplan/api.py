@@ -1,4 +1,4 @@
-"""fxplan.compile and the Compiled handle (API.md)."""
+"""fxplan.compile and the Compiled handle (README.md "Quickstart")."""
 
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ def _torchrun_env() -> bool:
 
 def compile(model, example_inputs, cluster: Cluster | None = None, constraints: Constraints | None = None,
             planner: str = "miqp", plan: Plan | None = None, time_limit_s: float = 60, verbose: bool = True):
-    """Trace, plan and prepare `model` for hybrid-parallel training (API.md)."""
+    """Trace, plan and prepare `model` for hybrid-parallel training: trace, coarsen, propagate shardings, plan."""
     example_inputs = _validate_inputs(model, example_inputs)
     if cluster is None:
         raise ClusterError("compile() needs a cluster: fxplan.Cluster.preset('a100-80g', nodes=, devices_per_node=) "

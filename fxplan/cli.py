@@ -1,4 +1,4 @@
-"""The fxplan command line (API.md "Command line"). Bad arguments exit non-zero with one line."""
+"""The fxplan command line (README.md "Command line"). Bad arguments exit non-zero with one line."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ EPILOG = """examples:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad argument is one line on stderr (API.md), not usage + error."""
+    """argparse, but a bad argument is one line on stderr, not usage + error."""
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

@@ -18,8 +18,8 @@ USABLE_FRACTION = 0.92
 
 # Public figures: dense bf16 peak, HBM, NVLink bus bandwidth per GPU (one direction, what a ring
 # all-reduce sees), one InfiniBand NIC per GPU. Efficiency: fraction of peak at matmul size s is
-# max_efficiency * s / (s + half_efficiency_dim). H100 fitted to DESIGN.md's measurements (386/532/
-# 580/598 TFLOP/s at hidden 1024..8192 of a 790 TFLOP/s matmul peak: 418/506/547/584 modelled);
+# max_efficiency * s / (s + half_efficiency_dim). H100 fitted to measurements on one H100 (bf16, eager,
+# 4 GPT blocks: 386/532/580/598 TFLOP/s at hidden 1024..8192 of a 790 TFLOP/s matmul peak: 418/506/547/584 modelled);
 # A100 uses the same shape with its own peak (no measurement at hand).
 _PRESETS = {
     "a100-40g": dict(memory_bytes=40 * GiB * USABLE_FRACTION, peak_flops=312e12, intra_bw=240e9, inter_bw=25e9,
@@ -57,8 +57,6 @@ class Cluster:
     """Matmul size (geometric mean of m, n, k) at which half of max_efficiency is reached."""
     name: str = "custom"
     """Preset name or 'custom' / 'local'."""
-    backend: str = "nccl"
-    """torch.distributed backend for real runs: 'nccl' or 'gloo'."""
     dtype_bytes: int = 2
     """Bytes per element of parameters and activations in the training precision (bf16: 2)."""
     optimizer_bytes_per_param: int = 12
@@ -79,8 +77,6 @@ class Cluster:
                 raise ClusterError(f"Cluster.{field} must be a non-negative number, got {value!r}")
         if not 0 < self.max_efficiency <= 1:
             raise ClusterError(f"Cluster.max_efficiency must be in (0, 1], got {self.max_efficiency!r}")
-        if self.backend not in ("nccl", "gloo"):
-            raise ClusterError(f"Cluster.backend must be 'nccl' or 'gloo', got {self.backend!r}")
         if self.dtype_bytes not in (1, 2, 4, 8):
             raise ClusterError(f"Cluster.dtype_bytes must be 1, 2, 4 or 8, got {self.dtype_bytes!r}")
 
@@ -127,7 +123,10 @@ class Cluster:
         if not isinstance(world_size, int) or world_size < 1:
             raise ClusterError(f"Cluster.local(world_size=) must be a positive integer, got {world_size!r}")
         figures = measure_local(world_size, refresh=refresh)
-        return cls(nodes=1, devices_per_node=world_size, name="local", **figures)
+        # a cache written by an older version may hold figures this Cluster no longer has
+        known = {field.name for field in dataclasses.fields(cls)}
+        return cls(nodes=1, devices_per_node=world_size, name="local",
+                   **{k: v for k, v in figures.items() if k in known})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

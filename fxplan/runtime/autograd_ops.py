@@ -2,7 +2,7 @@
 collective with the backward one the gradient convention needs (see collectives.py's table).
 
 Why our own Functions: the functional collectives' autograd gave tp-times-too-large weight
-gradients in the Megatron pattern (DESIGN.md). Every Function takes the Communicator as an argument
+gradients in the Megatron pattern (measured on torch 2.13, gloo). Every Function takes the Communicator as an argument
 (it gets no gradient) and keeps it on ctx, so backward runs on the same groups as forward.
 """
 

@@ -70,7 +70,6 @@ def measure_local(world_size: int, refresh: bool = False) -> dict:
         inter_latency=50e-6 if not use_cuda else 10e-6,
         max_efficiency=1.0,
         half_efficiency_dim=64.0,
-        backend="nccl" if use_cuda else "gloo",
         dtype_bytes=2 if use_cuda else 4,
         optimizer_bytes_per_param=12 if use_cuda else 8,
     )

@@ -1,6 +1,6 @@
 """Which collectives a placement change implies: the single source of truth for costs and codegen.
 
-Shared semantics (see the task brief / DESIGN.md):
+Shared semantics (codegen and the cost model both follow them):
 - tp axis: a tensor is R, S(dim) or P. The gradient of every R tensor is COMPLETE on every tp rank.
 - `transition(src, dst)` is a change of placement on the tp axis. Forward / backward pairs:
       R    -> S(d)   slice             / all-gather(d)

@@ -1,4 +1,4 @@
-"""Issue 5's acceptance: every plan family trains like one device, and the work is really divided.
+"""Every plan family trains like one device, and the work is really divided.
 
 One torchrun launch (4 gloo ranks) per model runs all its plans (tests/dist/workers/runtime_matrix_worker.py):
 3 SGD steps vs the same steps on one device; per rank the parameter tensors it stores, the rows

@@ -1,4 +1,4 @@
-"""Bad inputs raise FxplanError subclasses that name the problem and the fix (API.md "Errors")."""
+"""Bad inputs raise FxplanError subclasses that name the problem and the fix."""
 
 import pytest
 import torch

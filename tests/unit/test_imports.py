@@ -20,6 +20,13 @@ import json, sys
 import fxplan, fxplan.models, fxplan.passes, fxplan.codegen
 out = {name: sys.modules[name].__file__ for name in ("fxplan", "fxplan.models", "fxplan.passes", "fxplan.codegen")}
 out["has_build"] = callable(getattr(fxplan.models, "build", None))
+out["leaks"] = []  # repository folders that are not fxplan's must not import as part of it
+for name in ("fxplan.bench", "fxplan.fxplan", "fxplan.tests"):
+    try:
+        __import__(name)
+        out["leaks"].append(name)
+    except ImportError:
+        pass
 try:
     import models
     out["models"] = getattr(models, "DECOY", None)
@@ -51,6 +58,7 @@ def test_decoy_top_level_packages_do_not_shadow_fxplan(tmp_path):
     result = _probe([decoys, ROOT], cwd=tmp_path)
     assert result["models"] == "decoy models"  # the user's package wins the plain name ...
     assert result["has_build"]  # ... and fxplan still gets its own presets
+    assert result["leaks"] == []
     for name, folder in SUBPACKAGES.items():
         assert _inside(result[name], ROOT / folder), (name, result[name])
 
@@ -86,7 +94,7 @@ def test_wheel_imports_the_same_modules_as_the_checkout(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     result = _probe([site], cwd=elsewhere)
-    assert result["has_build"] and result["models"] is None
+    assert result["has_build"] and result["models"] is None and result["leaks"] == []
     for name in SUBPACKAGES:
         assert _inside(result[name], site / name.replace(".", "/")), (name, result[name])
     mapped = {name.split(".")[1] for name in SUBPACKAGES if "." in name}
@@ -95,3 +103,11 @@ def test_wheel_imports_the_same_modules_as_the_checkout(tmp_path):
         if name == "fxplan":  # its mapped subpackages are compared on their own
             shipped = {path for path in shipped if path.split("/")[0] not in mapped}
         assert shipped == _module_files(tree / folder), f"{name}: wheel and checkout differ (pyproject packages?)"
+
+
+@pytest.mark.timeout(120)
+def test_this_interpreters_install_imports_fxplan_and_nothing_else_of_the_repository(tmp_path):
+    # no PYTHONPATH and a neutral cwd: whatever install this interpreter has (the editable one of
+    # ./dev, or a wheel) answers, and it maps only fxplan's own folders
+    result = _probe([], cwd=tmp_path)
+    assert result["has_build"] and result["leaks"] == [] and result["models"] is None

@@ -1,4 +1,4 @@
-"""The planner end to end (issue 4's acceptance): speed, miqp = exhaustive, miqp <= grid, memory
+"""The planner end to end: speed, miqp = exhaustive, miqp <= grid, memory
 pressure, raw-parameter blocks, HF models. Figures for the same points: bench/plan_bench.py."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxplan
+import toy_blocks
 from fxplan.models import build, example_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -184,59 +185,19 @@ def test_miqp_mixes_strategies_inside_a_stage_on_a_big_gpt():
 C, H = 256, 8
 
 
-class LinearBlock(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(C), nn.LayerNorm(C)
-        self.qkv, self.proj = nn.Linear(C, 3 * C), nn.Linear(C, C)
-        self.fc, self.out = nn.Linear(C, 4 * C), nn.Linear(4 * C, C)
-
-    def forward(self, x):
-        b, t, _ = x.shape
-        qkv = self.qkv(self.ln1(x)).view(b, t, H, 3 * (C // H)).transpose(1, 2)
-        q, k, v = qkv.split(C // H, dim=-1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(y.transpose(1, 2).reshape(b, t, C))
-        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+def LinearBlock():
+    return toy_blocks.Block(C, H)
 
 
-class RawBlock(nn.Module):
-    """The same block: raw parameters under arbitrary names, F.linear / F.layer_norm calls."""
-
-    def __init__(self):
-        super().__init__()
-        mk = lambda *s: nn.Parameter(torch.empty(*s))  # noqa: E731
-        self.zz, self.zb, self.yy, self.yb = mk(3 * C, C), mk(3 * C), mk(C, C), mk(C)
-        self.aa, self.ab, self.qq, self.qb = mk(4 * C, C), mk(4 * C), mk(C, 4 * C), mk(C)
-        self.n1w, self.n1b, self.n2w, self.n2b = mk(C), mk(C), mk(C), mk(C)
-
-    def forward(self, x):
-        b, t, _ = x.shape
-        h = F.layer_norm(x, (C,), self.n1w, self.n1b)
-        qkv = F.linear(h, self.zz, self.zb).view(b, t, H, 3 * (C // H)).transpose(1, 2)
-        q, k, v = qkv.split(C // H, dim=-1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + F.linear(y.transpose(1, 2).reshape(b, t, C), self.yy, self.yb)
-        h = F.layer_norm(x, (C,), self.n2w, self.n2b)
-        return x + F.linear(F.gelu(F.linear(h, self.aa, self.ab)), self.qq, self.qb)
-
-
-class Stack(nn.Module):
-    def __init__(self, block, n=4):
-        super().__init__()
-        self.blocks = nn.ModuleList(block() for _ in range(n))
-
-    def forward(self, x):
-        for blk in self.blocks:
-            x = blk(x)
-        return x.pow(2).mean()
+def RawBlock():
+    return toy_blocks.RawBlock(C, H)
 
 
 def test_raw_parameter_blocks_get_the_same_plan():
     plans = []
     for block in (LinearBlock, RawBlock):
         with torch.device("meta"):
-            model = Stack(block)
+            model = toy_blocks.Stack(block, n=4)
         x = torch.empty(32, 512, C, device="meta")
         # tp pinned: the point is which tensor-parallel shardings propagation finds, not whether tp pays
         plans.append(fxplan.compile(model, (x,), cluster=a100(1, 8), constraints=fxplan.Constraints(tp=4),
@@ -318,15 +279,6 @@ def test_gpt3_175b_on_128x8_plans_in_a_minute(tmp_path):
 # ---------------------------------------------------------------- 7. HF transformers
 
 
-class LossOf(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, ids, labels):
-        return self.model(input_ids=ids, labels=labels).loss
-
-
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_hf_transformers_models_trace_coarsen_and_plan(family):
     transformers = pytest.importorskip("transformers")
@@ -339,7 +291,7 @@ def test_hf_transformers_models_trace_coarsen_and_plan(family):
                                           max_position_embeddings=64)
         model = transformers.LlamaForCausalLM(config)
     ids = torch.randint(0, 128, (8, 16))
-    compiled = fxplan.compile(LossOf(model), (ids, ids), cluster=a100(1, 4), verbose=False)
+    compiled = fxplan.compile(toy_blocks.LossOf(model), (ids, ids), cluster=a100(1, 4), verbose=False)
     layers = compiled.layer_graph.layers
     assert len(layers) >= 3  # embeddings, the 2 blocks (at least), head
     assert sum(layer.param_numel for layer in layers) == sum(p.numel() for p in model.parameters())

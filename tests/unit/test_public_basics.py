@@ -1,4 +1,4 @@
-"""Cluster, Constraints, Plan JSON and the CLI surface (API.md)."""
+"""Cluster, Constraints, Plan JSON and the CLI surface of the public contract."""
 
 import json
 import subprocess

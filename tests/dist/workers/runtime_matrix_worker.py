@@ -1,4 +1,4 @@
-"""torchrun worker for tests/dist/test_runtime_matrix.py: one model, every plan of issue 5, ONE launch.
+"""torchrun worker for tests/dist/test_runtime_matrix.py: one model, every plan family, ONE launch.
 
     torchrun --standalone --nproc-per-node 4 tests/dist/workers/runtime_matrix_worker.py --model gpt
 
@@ -28,9 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-import fxplan
-from fxplan.demo import train_beside_one_device
-from fxplan.plan import Plan, Stage, Strategy
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "support"))
+
+import fxplan  # noqa: E402
+from fxplan.demo import train_beside_one_device  # noqa: E402
+from fxplan.plan import Plan, Stage, Strategy  # noqa: E402
+from toy_blocks import LossOf  # noqa: E402
 
 BATCH, STEPS, LR = 16, 3, 0.05
 WORLD = 4
@@ -99,17 +102,6 @@ class CustomLM(nn.Module):
             x = block(x)
         logits = self.head(self.norm(x))
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-
-
-class LossOf(nn.Module):
-    """An HF causal LM as fxplan wants it: forward(input_ids, labels) -> the scalar loss."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, labels):
-        return self.model(input_ids=input_ids, labels=labels, use_cache=False).loss
 
 
 PRESET_SPECS = {
