@@ -1,6 +1,7 @@
-"""Test tiers: unit/ (no process group), fakepg/ (the fake backend, large worlds), dist/ (torchrun
-on gloo, 2-4 CPU processes; their per-rank programs are dist/workers/*). support/ holds the models
-and fixtures the tiers share; it is put on sys.path here so every tier imports it by module name."""
+"""Test tiers: unit/ (no process group), fakepg/ (the fake backend, large worlds), torchrun/ (gloo,
+2-4 CPU processes; their per-rank programs are torchrun/workers/*). support/ holds the models and
+fixtures the tiers share; it is put on sys.path here so every tier imports it by module name.
+(Not `dist/`: pytest skips folders named dist or build unless told otherwise.)"""
 
 import sys
 from pathlib import Path

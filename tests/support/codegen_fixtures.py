@@ -1,4 +1,4 @@
-"""Shared by tests/unit/test_codegen.py, tests/fakepg/test_emit_fakepg.py and tests/dist/workers/codegen_worker.py:
+"""Shared by tests/unit/test_codegen.py, tests/fakepg/test_emit_fakepg.py and tests/torchrun/workers/codegen_worker.py:
 a small GPT traced, coarsened, its strategy space, and plans built by hand (no solver)."""
 
 from __future__ import annotations

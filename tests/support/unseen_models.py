@@ -1,6 +1,6 @@
 """Models the presets do not cover (leaf modules, einsum attention, BatchNorm, several inputs).
 
-Shared by tests/dist/test_unseen_models.py and its torchrun worker; each builder returns (model, batch).
+Shared by tests/torchrun/test_unseen_models.py and its torchrun worker; each builder returns (model, batch).
 """
 
 import torch, torch.nn as nn, torch.nn.functional as F

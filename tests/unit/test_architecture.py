@@ -241,3 +241,15 @@ def test_architecture_md_names_every_production_file_and_only_real_ones():
                   if path.name != "__init__.py" or len(path.read_text().splitlines()) > 3}
     unnamed = sorted(production - named)
     assert not unnamed, f"ARCHITECTURE.md does not name: {unnamed}"
+
+
+def test_no_test_folder_is_one_pytest_skips(request):
+    # pytest does not recurse into folders matching norecursedirs (dist, build, ...): a tier named
+    # like that would silently never run
+    import fnmatch
+
+    patterns = request.config.getini("norecursedirs")
+    folders = {p.parent for p in (ROOT / "tests").rglob("test_*.py")}
+    skipped = sorted(str(f.relative_to(ROOT)) for f in folders
+                     for part in f.relative_to(ROOT).parts if any(fnmatch.fnmatch(part, pat) for pat in patterns))
+    assert not skipped, f"pytest would skip these test folders: {skipped}"

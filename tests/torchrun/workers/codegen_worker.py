@@ -1,6 +1,6 @@
 """torchrun worker for tests/unit/test_codegen.py: emitted rank modules on gloo equal the model.
 
-    torchrun --standalone --nproc-per-node 2 tests/dist/workers/codegen_worker.py [recompute]
+    torchrun --standalone --nproc-per-node 2 tests/torchrun/workers/codegen_worker.py [recompute]
 
 With the argument `recompute` it runs the recompute cases instead (tests/test_recompute.py): the
 same plans with layers under activation checkpointing, whose forward collectives re-run in backward.

@@ -1,4 +1,4 @@
-"""codegen's rank modules on 2 gloo ranks (tests/dist/workers/codegen_worker.py): tp, FSDP, mixed
+"""codegen's rank modules on 2 gloo ranks (tests/torchrun/workers/codegen_worker.py): tp, FSDP, mixed
 plans and recompute equal the model."""
 
 import os

@@ -1,6 +1,6 @@
 """torchrun worker for tests/test_runtime.py: setup errors, then rank 1 raising mid-step.
 
-    torchrun --standalone --nproc-per-node 4 tests/dist/workers/runtime_fail_worker.py
+    torchrun --standalone --nproc-per-node 4 tests/torchrun/workers/runtime_fail_worker.py
 
 Real plans through fxplan.compile. Prints `CHECK name rankR ok|no-error` lines per rank (a plan
 for another world size; ranks holding different plans), then every rank runs one good pp=4 step

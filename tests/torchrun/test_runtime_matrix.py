@@ -1,6 +1,6 @@
 """Every plan family trains like one device, and the work is really divided.
 
-One torchrun launch (4 gloo ranks) per model runs all its plans (tests/dist/workers/runtime_matrix_worker.py):
+One torchrun launch (4 gloo ranks) per model runs all its plans (tests/torchrun/workers/runtime_matrix_worker.py):
 3 SGD steps vs the same steps on one device; per rank the parameter tensors it stores, the rows
 each linear/embedding/conv of its forward received, and the collectives the steps executed
 (runner.count_collectives(), counted while running: nothing here is read from the plan).

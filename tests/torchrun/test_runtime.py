@@ -1,7 +1,7 @@
 """The runtime: setup errors and failure handling under torchrun, and its single-process helpers.
 
 The plan matrix against single-device training (every strategy family, presets, a custom model,
-HF models, a meta model) is tests/dist/test_runtime_matrix.py.
+HF models, a meta model) is tests/torchrun/test_runtime_matrix.py.
 """
 
 from __future__ import annotations

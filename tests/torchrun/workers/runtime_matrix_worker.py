@@ -1,6 +1,6 @@
-"""torchrun worker for tests/dist/test_runtime_matrix.py: one model, every plan family, ONE launch.
+"""torchrun worker for tests/torchrun/test_runtime_matrix.py: one model, every plan family, ONE launch.
 
-    torchrun --standalone --nproc-per-node 4 tests/dist/workers/runtime_matrix_worker.py --model gpt
+    torchrun --standalone --nproc-per-node 4 tests/torchrun/workers/runtime_matrix_worker.py --model gpt
 
 Plans come from the public API only: `fxplan.compile(model, batch, cluster=Cluster.local(4),
 constraints=Constraints(...))`, or a Plan built/edited by hand and given back through

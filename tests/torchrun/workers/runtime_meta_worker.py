@@ -1,6 +1,6 @@
 """torchrun worker: a META-device GPT distributes under dp=2 x tp=2 and trains.
 
-    torchrun --standalone --nproc-per-node 4 tests/dist/workers/runtime_meta_worker.py
+    torchrun --standalone --nproc-per-node 4 tests/torchrun/workers/runtime_meta_worker.py
 
 The model (about 110 M parameters, 440 MB in fp32) is built on the meta device; distribute() must
 allocate only this rank's shards (tp halves every matrix), one module at a time. We measure the
