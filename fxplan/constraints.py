@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 from fxplan.errors import ConstraintError
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h2", "zb-auto")
+SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h2", "zbv", "zb-auto")
 """Every pipeline schedule name fxplan knows: what Constraints.schedule may name."""
 RUNNABLE_SCHEDULES = ("1f1b", "gpipe")
 """The schedules this version plans and runs (the cost model's memory model and the runtime both handle
