@@ -144,6 +144,7 @@ class _Emitter:
         self.home: dict[str, tuple[fx.Node, Layout]] = {}
         self.cache: dict[tuple, fx.Node] = {}
         self.keys: set[str] = set()
+        self.uses: dict[tuple, list] = {}  # (tensor, consumer layer index) -> its distinct uses there
 
     # ------------------------------------------------------------ strategy context
     def _ctx(self, layer, strat) -> _Ctx:
@@ -316,7 +317,7 @@ class _Emitter:
         for n in nodes:
             self.ctx_of[n.name] = name_ctx[n.name]
         # every use of each tensor per layer: (wanted placement, consumer is sharded compute)
-        self.uses: dict[tuple, list] = {}
+        self.uses.clear()
         for n in nodes:
             ctx = self.ctx_of[n.name]
             for a, want in zip(n.all_input_nodes, self._wanted_static(n, ctx)):
