@@ -125,3 +125,45 @@ def test_rank_modules_name_no_device_and_run_on_meta(model_case, plan_name):
             else:
                 assert all(t.device.type == "meta" for t in out)
                 sent[position] = tuple(t.detach().requires_grad_(t.is_floating_point()) for t in out)
+
+
+# ---------------------------------------------------------------- one device per LOCAL_RANK
+
+
+def test_rank_device_is_one_gpu_per_local_rank():
+    from fxplan.errors import DistributedSetupError
+    from fxplan.runtime.process import rank_device
+
+    assert rank_device("gloo", 3, 8) == torch.device("cpu")
+    assert rank_device("nccl", 3, 8) == torch.device("cuda", 3)
+    assert rank_device("cpu:gloo,cuda:nccl", 5, 8) == torch.device("cuda", 5)  # init_process_group()'s default
+    assert rank_device("nccl", 3, 1) == torch.device("cuda", 0)  # CUDA_VISIBLE_DEVICES gave it one GPU
+    with pytest.raises(DistributedSetupError, match="LOCAL_RANK 4"):
+        rank_device("nccl", 4, 2)
+
+
+def test_group_created_by_the_caller_still_binds_the_rank_device(monkeypatch):
+    """The caller ran init_process_group itself (without set_device): joining it must still make
+    LOCAL_RANK's GPU current, before any NCCL collective. No GPU here: torch.cuda's device count
+    and set_device, and the backend name, are stood in for; fxplan's own code runs as is."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from fxplan.runtime import process
+
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    dist.init_process_group("fake", store=FakeStore(), rank=3, world_size=4)
+    try:
+        process.init_default_group()
+        assert chosen == []  # a gloo-like group: computing stays on the CPU
+        assert process.device() == torch.device("cpu")
+        monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+        process.init_default_group()
+        assert chosen == [torch.device("cuda", 3)]
+        assert process.device() == torch.device("cuda", 3)
+    finally:
+        dist.destroy_process_group()
