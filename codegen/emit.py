@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
+from fxplan.codegen.devices import runtime_device_pass
 from fxplan.codegen.groups import group_key
 from fxplan.codegen.params import MeshSeat, StageParams
 from fxplan.codegen.program import GraphOps, RankProgram
@@ -422,6 +423,7 @@ class _Emitter:
         for node in reversed(list(self.graph.nodes)):  # sizes read from local tensors are now unused
             if not node.users and is_size_query(node):
                 self.graph.erase_node(node)
+        runtime_device_pass(self.graph)
         self.graph.lint()
         gm = fx.GraphModule(self.params.module(), self.graph, class_name=f"Rank{self.rank}Stage{self.stage.index}")
         gm.recompile()

@@ -26,27 +26,43 @@ def timeout_s() -> float:
 
 
 def init_default_group() -> None:
-    """Join the torchrun job's default process group (gloo on CPU, NCCL with CUDA) unless joined."""
+    """Join the torchrun job's default process group (gloo on CPU, NCCL with CUDA) unless joined, and
+    bind this process to its device: also when the caller created the group, NCCL's collectives
+    (object broadcasts included) run on the current CUDA device, which must be this rank's own."""
     missing = [v for v in TORCHRUN_VARS if v not in os.environ]
     if missing:
         raise DistributedSetupError(
             f"distribute() needs the torchrun environment ({', '.join(missing)} not set); run under torchrun, "
             f"e.g. `torchrun --standalone --nproc-per-node N your_script.py`")
-    if dist.is_initialized():
-        return
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        backend = "nccl"
-    else:
-        backend = "gloo"
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s()))
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(rank_device(backend, int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()))
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s()))
+    device()
+
+
+def rank_device(backend: str, local_rank: int, cuda_devices: int) -> torch.device:
+    """One device per LOCAL_RANK when the group runs NCCL (a process that sees a single GPU, e.g.
+    through CUDA_VISIBLE_DEVICES, uses that one); the CPU otherwise."""
+    if "nccl" not in backend:
+        return torch.device("cpu")
+    if cuda_devices == 1:
+        return torch.device("cuda", 0)
+    if not 0 <= local_rank < cuda_devices:
+        raise DistributedSetupError(f"LOCAL_RANK {local_rank} has no GPU of its own: this process sees "
+                                    f"{cuda_devices} CUDA devices; start at most {cuda_devices} processes per node")
+    return torch.device("cuda", local_rank)
 
 
 def device() -> torch.device:
-    """Where this rank computes: its GPU under NCCL, else the CPU."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    """Where this rank computes (rank_device), made the current CUDA device under NCCL."""
+    backend = str(dist.get_backend())
+    chosen = rank_device(backend, int(os.environ.get("LOCAL_RANK", "0")),
+                         torch.cuda.device_count() if "nccl" in backend else 0)
+    if chosen.type == "cuda":
+        torch.cuda.set_device(chosen)
+    return chosen
 
 
 def check_world_size(plan: Plan) -> None:

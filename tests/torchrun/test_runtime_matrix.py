@@ -296,3 +296,19 @@ def test_meta_preset_allocates_only_its_shards():
         assert r["peak_growth"] < 0.9 * r["full_bytes"], (r["peak_growth"], r["full_bytes"])
         assert all(math.isfinite(x) for x in r["losses"]) and r["losses"][1] < r["losses"][0]
         assert r["losses"] == ranks[0]["losses"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_export_traced_meta_model_trains_like_one_device_under_any_plan():
+    """HF Llama built on meta goes through torch.export (devices baked into its factories), plans
+    on meta, and every plan materialises the very same full weights: the same initial
+    full_state_dict() (bit for bit) under pp2 x dp2 and tp4, equal to the single-device
+    materialisation, and the same training as one device."""
+    pytest.importorskip("transformers")
+    results = [_result("hf-llama-meta", plan, "pp2xdp2,tp4") for plan in ("pp2xdp2", "tp4")]
+    for r in results:
+        _check_equal_to_one_device(r)
+        assert r["initial_equal_reference"]
+    assert results[0]["initial_digest"] == results[1]["initial_digest"]
+    assert results[0]["pp"] == 2 and all(s[1] == 4 for s in results[1]["strategies"].values())

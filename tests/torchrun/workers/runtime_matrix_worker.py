@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -33,6 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
 import fxplan  # noqa: E402
 from fxplan.demo import train_beside_one_device  # noqa: E402
 from fxplan.plan import Plan, Stage, Strategy  # noqa: E402
+from fxplan.runtime import materialize  # noqa: E402
 from toy_blocks import LossOf  # noqa: E402
 
 BATCH, STEPS, LR = 16, 3, 0.05
@@ -122,6 +124,9 @@ def build(name: str, device: str = "cpu") -> nn.Module:
     if name == "custom":
         with torch.device(device):
             return CustomLM()
+    if name.endswith("-meta"):  # built on meta: distribute() materialises each rank's shards
+        with torch.device("meta"):
+            return build(name[:-len("-meta")])
     import transformers
 
     if name == "hf-gpt2":
@@ -245,11 +250,15 @@ class RowCounter(TorchFunctionMode):
 def run_plan(model_name: str, plan_name: str) -> dict:
     rank = dist.get_rank() if dist.is_initialized() else int(os.environ["RANK"])
     model = build(model_name)
-    reference = copy.deepcopy(model)
+    meta = materialize.is_meta_model(model)
+    # a meta model's single-device twin holds exactly the values distribute() gives the ranks
+    init_fn = _init_fn(model_name, model)
+    reference = materialize.full_model(model, init_fn) if meta else copy.deepcopy(model)
     data = batches(model_name, model)
-    compiled = make_plan(plan_name, model, data[0])
+    compiled = make_plan(plan_name, model, tuple(x.to("meta") for x in data[0]) if meta else data[0])
     plan = compiled.plan
-    runner = compiled.distribute()
+    runner = compiled.distribute(init_fn=init_fn)
+    initial = _digest(runner.full_state_dict())
     counter = RowCounter()
     with runner.count_collectives() as ran:
         losses, ref_losses = train_beside_one_device(runner, reference, data, lr=LR, around_step=lambda: counter)
@@ -270,7 +279,32 @@ def run_plan(model_name: str, plan_name: str) -> dict:
             "schedule": plan.schedule, "strategies": strategies, "stage_layers": [list(st.layers) for st in plan.stages],
             "losses": losses, "reference": ref_losses, "param_close": close,
             "max_param_diff": max(diffs.values()), "keys_equal": sorted(full) == sorted(ref_state),
-            "full_numel": sum(p.numel() for p in reference.parameters()), "per_rank": per_rank}
+            "full_numel": sum(p.numel() for p in reference.parameters()), "per_rank": per_rank,
+            "initial_digest": initial, "initial_equal_reference": initial == _digest(build_reference_state(model_name))}
+
+
+def build_reference_state(model_name: str) -> dict:
+    """The initial full weights one device starts from (a meta model: materialised in one piece)."""
+    model = build(model_name)
+    meta = materialize.is_meta_model(model)
+    return (materialize.full_model(model, _init_fn(model_name, model)) if meta else model).state_dict()
+
+
+def _init_fn(model_name: str, model: nn.Module):
+    """Hugging Face modules (RMSNorm & co.) have no reset_parameters(): their model's own initialiser."""
+    if model_name.startswith("hf-") and materialize.is_meta_model(model):
+        return model.model._init_weights
+    return None
+
+
+def _digest(state: dict) -> str:
+    """One hash of every tensor's key, dtype, shape and bytes: equal hashes, identical weights."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _numel(shape) -> int:
