@@ -101,9 +101,9 @@ def print_table(results: list[dict], facts: dict) -> bool:
     P, U = facts["param_bytes"], facts["block_bytes"]
     print(f"\nmethod check on torch's wrappers (P = {mb(P).strip()} MiB of fp32 parameters, "
           f"largest block {mb(U).strip()} MiB):")
-    known = {"torch DDP": ("params + grads + DDP buckets + Adam m, v = 5 P", 5 * P),
-             "torch FSDP2": (f"(params + grads + Adam) / {WORLD} + 2 blocks gathered (prefetch)",
-                             4 * P / WORLD + 2 * U)}
+    known = {"torch DDP": ("params + grads + DDP buckets + Adam m, v + Adam step temporaries = 6 P", 6 * P),
+             "torch FSDP2": (f"(params + grads + Adam + its temporaries) / {WORLD} + 2 blocks gathered (prefetch)",
+                             5 * P / WORLD + 2 * U)}
     for r in results:
         if r["name"] in known:
             text, state = known[r["name"]]

@@ -15,7 +15,9 @@ Why this method (CPU has no `torch.cuda.max_memory_allocated`):
   tensor of the run was allocated inside it (the live sum starts at 0); a tensor allocated earlier
   (the global batch) is not counted, which is why contenders are built inside `measure`.
 
-The running sum is read from `prof.profiler.kineto_results.events()` (public, no `_` name).
+Events are read from the profiler's result tree (`kineto_results.experimental_event_tree()`), whose
+allocation records carry the address: a free of a tensor allocated before the probe started (an
+earlier contender's garbage collected late) is then recognised and ignored, not subtracted.
 """
 
 from __future__ import annotations
@@ -43,26 +45,39 @@ class Probe:
 
     def __exit__(self, *exc):
         self._prof.__exit__(*exc)
-        events = self._prof.profiler.kineto_results.events()
-        marks = [(e.start_ns(), e.end_ns()) for e in events if e.name() == MARK]
-        allocs = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
-        self.peak_bytes = self.start_bytes = self.end_bytes = 0
+        results = self._prof.profiler.kineto_results
+        marks = [(e.start_ns(), e.end_ns()) for e in results.events() if e.name() == MARK]
+        allocs = sorted(_allocations(results.experimental_event_tree()))
+        self.peak_bytes = self.start_bytes = 0
         if not marks:
             return False
         start, end = min(m[0] for m in marks), max(m[1] for m in marks)
-        live, peak, at_start = 0, 0, None
-        for t, nbytes in allocs:
-            if t >= start and at_start is None:
-                at_start = live
-            if start <= t <= end:
-                live += nbytes
-                peak = max(peak, live)
-            elif t < start:
-                live += nbytes
-        self.start_bytes = live if at_start is None else at_start
-        self.peak_bytes = max(peak, self.start_bytes)
-        self.end_bytes = live
+        live, born, self.start_bytes, peak = 0, {}, None, 0
+        for t, ptr, nbytes in allocs:
+            if t > end:
+                break
+            if nbytes > 0:
+                born[ptr] = nbytes
+            elif born.pop(ptr, None) is None:
+                continue  # freed here, allocated before the probe: never counted, so never subtracted
+            if t >= start and self.start_bytes is None:
+                self.start_bytes = peak = live
+            live += nbytes
+            peak = max(peak, live) if t >= start else peak
+        if self.start_bytes is None:  # nothing allocated in the measured stretch
+            self.start_bytes = peak = live
+        self.peak_bytes = peak
         return False
+
+def _allocations(roots):
+    """(ns, address, signed bytes) of every allocator event below the profiler's event trees."""
+    stack = list(roots)
+    while stack:
+        node = stack.pop()
+        fields = node.extra_fields
+        if type(fields).__name__ == "_ExtraFields_Allocation":
+            yield node.start_time_ns, fields.ptr, fields.alloc_size
+        stack.extend(node.children)
 
 
 def train_steps(step, parameters, steps: int, lr: float = 1e-3) -> None:
