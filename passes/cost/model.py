@@ -35,6 +35,7 @@ class _Arrays:
     sync: np.ndarray
     mem_fixed: np.ndarray
     mem_act: np.ndarray
+    mem_peak: np.ndarray
 
 
 def _frozen(array: list[float]) -> np.ndarray:
@@ -132,7 +133,7 @@ class CostModel:
             pp=pp, microbatches=microbatches, schedule=schedule,
             fwd=tuple(a.fwd for a in arrays), bwd=tuple(a.bwd for a in arrays), wgt=tuple(a.wgt for a in arrays),
             sync=tuple(a.sync for a in arrays), mem_fixed=tuple(a.mem_fixed for a in arrays),
-            mem_act=tuple(a.mem_act for a in arrays), edges=edges,
+            mem_act=tuple(a.mem_act for a in arrays), mem_peak=tuple(a.mem_peak for a in arrays), edges=edges,
             memory_limit=float(self.cluster.memory_bytes),
             labels=labels,
         )
@@ -157,7 +158,8 @@ class CostModel:
             "backward": "2x forward FLOPs; weight matmuls split equally into B and W",
             "collectives": "alpha-beta ring; hierarchical (intra then inter-node) for groups spanning nodes",
             "fsdp": "params all-gathered per microbatch in forward and backward; grads reduce-scattered per step",
-            "grad_sync": "not overlapped with compute",
+            "grad_sync": "not overlapped with compute; its flat buffers hold a second gradient copy",
+            "memory": "max(params + grads + optimizer + in-flight activations, that + dp sync buffers)",
             "activation_precision": "float activations at dtype_bytes",
             "batch_size": self.batch_size,
         }
@@ -209,7 +211,7 @@ class CostModel:
         return cached
 
     def _strategy_cost(self, f: SpecFacts, dp: int, fsdp: bool, recompute: bool, n_s: int, c: int):
-        """(fwd, bwd, wgt, sync, mem_fixed, mem_act) of one strategy, one microbatch, one device."""
+        """(fwd, bwd, wgt, sync, mem_fixed, mem_act, mem_peak) of one strategy, one microbatch, one device."""
         cl = self.cluster
         samples = self.batch_size / (c * dp)  # per device per microbatch
         flops = f.flops * samples
@@ -238,7 +240,10 @@ class CostModel:
             mem_act = f.input_bytes * samples + f.input_fixed_bytes
         else:
             mem_act = f.act_bytes * samples
-        return fwd, bwd, t_w, sync, mem_fixed, mem_act
+        # The dp sum concatenates the gradients into flat all-reduce buffers (runtime/grad_sync.py,
+        # as DDP's buckets): while they live, a second gradient copy exists, but no activation.
+        mem_peak = mem_fixed + (param_bytes if dp > 1 and not fsdp else 0.0)
+        return fwd, bwd, t_w, sync, mem_fixed, mem_act, mem_peak
 
     # ------------------------------------------------------------ edges
     def _edge_content(self, edge) -> int:

@@ -38,8 +38,11 @@ def place_stages(problem: Problem, strategy_of, best: float = np.inf):
     MA = np.concatenate([[0], np.cumsum(ma)])
     seg_mf, seg_ma = MF[None, :] - MF[:, None], MA[None, :] - MA[:, None]
     valid = np.triu(np.ones((L + 1, L + 1), bool), 1)
-    mem_ok = [valid & (seg_mf + in_flight(problem.schedule, pp, c, i) * seg_ma
-                       <= problem.memory_limit * (1 + 1e-9)) for i in range(pp)]
+    mp = np.array([problem.mem_peak[u][k[u]] for u in range(L)]) if problem.mem_peak else np.zeros(L)
+    MP = np.concatenate([[0], np.cumsum(mp)])
+    limit = problem.memory_limit * (1 + 1e-9)
+    mem_ok = [valid & (seg_mf + in_flight(problem.schedule, pp, c, i) * seg_ma <= limit)
+              & (MP[None, :] - MP[:, None] <= limit) for i in range(pp)]
     const = P[-1]
     caps = np.unique(np.concatenate([seg_t[valid], cut[1:L]]))
     caps = caps[caps >= max(t.max(), const / pp) - 1e-12]
@@ -101,7 +104,8 @@ def choose_strategies(problem: Problem, stage_of) -> tuple[int, ...] | None:
     for i in range(pp):
         layers = [u for u in range(L) if stage_of[u] == i]
         f = in_flight(problem.schedule, pp, c, i)
-        mem = [np.asarray(problem.mem_fixed[u]) + f * np.asarray(problem.mem_act[u]) for u in layers]
+        mem = [np.maximum(np.asarray(problem.mem_fixed[u]) + f * np.asarray(problem.mem_act[u]),
+                          problem.mem_peak[u] if problem.mem_peak else 0.0) for u in layers]
         cost = [times[u] + problem.sync[u] for u in layers]
 
         def viterbi(mu: float):

@@ -100,7 +100,7 @@ def solve_milp(problem: Problem, *, time_limit_s: float, mip_gap: float = 1e-4,
 
     stage_time = []  # (pp,) expressions, scaled
     stage_sync = []
-    stage_mem = []
+    stage_mem: list[list] = [[], []]  # per memory form (activation phase, sync/step phase): (pp,) terms
     boundary = []  # (pp-1,) expressions
     total = []  # scalar expressions: sum_i p_i
     decode = []  # per segment: how to read the solution back
@@ -112,6 +112,8 @@ def solve_milp(problem: Problem, *, time_limit_s: float, mip_gap: float = 1e-4,
         sy = np.asarray(problem.sync[u], float) * ts
         mem = (np.asarray(problem.mem_fixed[u], float)[:, None]
                + np.asarray(problem.mem_act[u], float)[:, None] * flight[None, :]) * ms  # (K, pp)
+        forms = [mem] + ([np.repeat(np.asarray(problem.mem_peak[u], float)[:, None] * ms, pp, axis=1)]
+                         if problem.mem_peak else [])
         K = len(tt)
         if s.n == 1:
             S = cp.Variable(K, boolean=True)
@@ -124,11 +126,12 @@ def solve_milp(problem: Problem, *, time_limit_s: float, mip_gap: float = 1e-4,
                 w = cp.Variable(pp, nonneg=True)
                 cons += [w >= vals @ S - float(np.max(vals)) * (1 - og), w >= float(np.min(vals)) * og]
                 bucket.append(w)
-            if finite_mem and np.max(mem) > 0:
-                w = cp.Variable(pp, nonneg=True)
-                cons += [w >= S @ mem - cp.multiply(np.max(mem, axis=0), 1 - og),
-                         w >= cp.multiply(np.min(mem, axis=0), og)]
-                stage_mem.append(w)
+            for form, bucket in zip(forms, stage_mem):
+                if finite_mem and np.max(form) > 0:
+                    w = cp.Variable(pp, nonneg=True)
+                    cons += [w >= S @ form - cp.multiply(np.max(form, axis=0), 1 - og),
+                             w >= cp.multiply(np.min(form, axis=0), og)]
+                    bucket.append(w)
             ends[g] = (S, S, np.arange(K), np.arange(K))
             decode.append(("single", S))
             continue
@@ -141,7 +144,8 @@ def solve_milp(problem: Problem, *, time_limit_s: float, mip_gap: float = 1e-4,
         stage_time.append(x @ tt)
         stage_sync.append(x @ sy)
         if finite_mem:
-            stage_mem.append(cp.sum(cp.multiply(x, mem.T), axis=1))
+            for form, bucket in zip(forms, stage_mem):
+                bucket.append(cp.sum(cp.multiply(x, form.T), axis=1))
         total.append(cp.sum(x @ tt))
         cls = endpoint_classes(problem, s)
         C = int(cls.max()) + 1
@@ -246,8 +250,8 @@ def solve_milp(problem: Problem, *, time_limit_s: float, mip_gap: float = 1e-4,
         bsum = cp.sum(o)
     if stage_sync:
         cons.append(ymax >= sum(stage_sync))
-    if finite_mem and stage_mem:
-        cons.append(sum(stage_mem) <= 1.0)
+    # a stage's peak is the larger of its two phases' bytes: each must fit
+    cons += [sum(terms) <= 1.0 for terms in stage_mem if finite_mem and terms]
     objective = tot + bsum + (c - 1) * bott + ymax
     prob = cp.Problem(cp.Minimize(objective), cons)
     opts = {"time_limit": float(max(time_limit_s - (time.perf_counter() - t0), 0.5)),

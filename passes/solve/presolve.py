@@ -1,7 +1,7 @@
 """Exact reductions of a Problem before the MILP sees it (no torch).
 
 1. parallel edges between the same two layers are summed (evaluate adds them anyway);
-2. strategies dominated in EVERY array (time components, sync, both memories, and the rows/columns
+2. strategies dominated in EVERY array (time components, sync, every memory array, and the rows/columns
    of every edge that touches the layer) are dropped: swapping a dominated strategy for its
    dominator never raises a stage time, a transfer, a memory or the objective;
 3. runs of identical layers (same arrays, joined by identical chain edges and by no other edge in
@@ -17,7 +17,12 @@ import numpy as np
 
 from fxplan.passes.solve.problem import Edge, Problem
 
-_ARRAYS = ("fwd", "bwd", "wgt", "sync", "mem_fixed", "mem_act")
+_ARRAYS = ("fwd", "bwd", "wgt", "sync", "mem_fixed", "mem_act", "mem_peak")
+
+
+def _arrays(problem: Problem) -> tuple[str, ...]:
+    """The per-layer arrays this problem has (mem_peak is optional)."""
+    return tuple(name for name in _ARRAYS if getattr(problem, name))
 
 
 @dataclass(frozen=True)
@@ -47,7 +52,7 @@ def merge_parallel_edges(problem: Problem) -> Problem:
 def _dominated(problem: Problem, u: int, alive: list[np.ndarray], touching: list) -> np.ndarray:
     """Positions (in alive[u]) of strategies of layer u that another alive strategy dominates."""
     # one column per compared quantity, rows = alive strategies; "smaller is better" everywhere
-    cols = [np.asarray(getattr(problem, name)[u], float)[alive[u]][:, None] for name in _ARRAYS]
+    cols = [np.asarray(getattr(problem, name)[u], float)[alive[u]][:, None] for name in _arrays(problem)]
     for e in touching[u]:
         if e.src == u:  # u's row of reshard against the dst's alive strategies, and its send
             cols.append(e.reshard[np.ix_(alive[u], alive[e.dst])])
@@ -82,7 +87,7 @@ def drop_dominated(problem: Problem) -> Reduced:
                     alive[u] = np.delete(alive[u], dead)
                     changed = True
     fields = {name: tuple(np.asarray(getattr(problem, name)[u], float)[alive[u]]
-                          for u in range(problem.num_layers)) for name in _ARRAYS}
+                          for u in range(problem.num_layers)) for name in _arrays(problem)}
     edges = tuple(Edge(e.src, e.dst, e.reshard[np.ix_(alive[e.src], alive[e.dst])], e.send[alive[e.src]])
                   for e in problem.edges)
     labels = ()
@@ -109,7 +114,7 @@ class Segment:
 
 
 def _same_layer(problem: Problem, u: int, v: int) -> bool:
-    return all(np.array_equal(getattr(problem, name)[u], getattr(problem, name)[v]) for name in _ARRAYS)
+    return all(np.array_equal(getattr(problem, name)[u], getattr(problem, name)[v]) for name in _arrays(problem))
 
 
 def segments(problem: Problem) -> tuple[Segment, ...]:

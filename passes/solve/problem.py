@@ -41,6 +41,10 @@ class Problem:
     edges: tuple[Edge, ...]
     memory_limit: float  # bytes per device
     labels: tuple[tuple[str, ...], ...] = ()  # per layer, a label per strategy (reports only)
+    # per layer [K_u]: bytes held while gradients are synced and the optimizer steps (no activation
+    # in flight then, but sync buffers are); () = that phase never exceeds the activation phase.
+    # A stage's peak is max(sum mem_fixed + in_flight * sum mem_act, sum mem_peak): `stage_memory`.
+    mem_peak: tuple[np.ndarray, ...] = ()
 
     @property
     def num_layers(self) -> int:
@@ -88,12 +92,15 @@ def evaluate(problem: Problem, stage_of, strategy_of) -> Evaluation:
     sync = np.zeros(pp)
     mem_fixed = np.zeros(pp)
     mem_act = np.zeros(pp)
+    mem_peak = np.zeros(pp)
     for u in range(L):
         i, k = stage_of[u], strategy_of[u]
         p[i] += problem.fwd[u][k] + problem.bwd[u][k] + problem.wgt[u][k]
         sync[i] += problem.sync[u][k]
         mem_fixed[i] += problem.mem_fixed[u][k]
         mem_act[i] += problem.mem_act[u][k]
+        if problem.mem_peak:
+            mem_peak[i] += problem.mem_peak[u][k]
     o = np.zeros(max(pp - 1, 0))
     for edge in problem.edges:
         ku, kv = strategy_of[edge.src], strategy_of[edge.dst]
@@ -102,7 +109,7 @@ def evaluate(problem: Problem, stage_of, strategy_of) -> Evaluation:
             o[j] += edge.send[ku]
     bottleneck = max(p.max(initial=0.0), o.max(initial=0.0))
     total = p.sum() + o.sum() + (c - 1) * bottleneck + sync.max(initial=0.0)
-    memory = [mem_fixed[i] + problem.in_flight(i) * mem_act[i] for i in range(pp)]
+    memory = [max(mem_fixed[i] + problem.in_flight(i) * mem_act[i], mem_peak[i]) for i in range(pp)]
     return Evaluation(
         iteration_s=float(total),
         stage_compute_s=tuple(float(x) for x in p),

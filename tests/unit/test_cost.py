@@ -420,3 +420,23 @@ def test_tied_weight_never_travels_and_its_copy_is_charged():
     two = CostModel(graph, StrategySpace(MappingProxyType({})), pair, batch_size=batch).problem(2, 1, "1f1b")
     # only the activation crosses the boundary (forward + gradient), not the weight
     assert two.edges[0].send[0] == pytest.approx(2 * cc.p2p_time(pair, 0, 1, batch * seq * h * 2))
+
+
+def test_dp_sync_buffers_are_a_second_phase_of_memory():
+    # grad_sync concatenates a dp group's gradients into flat all-reduce buffers: while they live
+    # the rank holds a second gradient copy but no activation (the forward/backward has ended)
+    graph, space = mlp_chain(blocks=1, hidden=256)
+    model = CostModel(graph, space, Cluster.preset("a100-80g", nodes=1, devices_per_node=4), batch_size=8)
+    prob = model.problem(1, 1, "gpipe")
+    params = 8 * 256 * 256
+    plain = index_of(model, 1, 1, 0, tp=1, fsdp=False, recompute=False)  # dp=4
+    tp2 = index_of(model, 1, 1, 0, tp=2, fsdp=False, recompute=False)  # dp=2
+    tp4 = index_of(model, 1, 1, 0, tp=4, fsdp=False, recompute=False)  # dp=1: nothing to sum
+    fsdp = index_of(model, 1, 1, 0, tp=1, fsdp=True, recompute=False)
+    assert prob.mem_peak[0][plain] == 16 * params + 2 * params
+    assert prob.mem_peak[0][tp2] == (16 * params + 2 * params) / 2
+    assert prob.mem_peak[0][tp4] == prob.mem_fixed[0][tp4]
+    assert prob.mem_peak[0][fsdp] == prob.mem_fixed[0][fsdp]
+    # the stage's peak is the larger phase: here the sync one (8 samples of 128 x 256 activations)
+    ev = evaluate(prob, (0,), (plain,))
+    assert ev.stage_memory[0] == max(prob.mem_fixed[0][plain] + prob.mem_act[0][plain], 18 * params)
