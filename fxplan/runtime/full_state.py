@@ -25,10 +25,14 @@ def gather_full(gm: nn.Module, params: Mapping[str, ParamShard], model: nn.Modul
             for attr, s in params.items() if not trainable or s.requires_grad]
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
+    # A weight shared by stages may be cut differently on each: assemble it from the pieces of one
+    # layout (the lowest rank's), which together cover the whole tensor.
+    layout_of: dict[str, tuple] = {}
     owner: dict[tuple, tuple[int, ParamShard, str, str]] = {}  # (name, piece) -> (rank, shard, attr, dtype)
     for r, items in enumerate(everyone):
         for name, piece, shard, attr, dtype in items:
-            owner.setdefault((name, piece), (r, shard, attr, dtype))
+            if layout_of.setdefault(name, _layout(shard)) == _layout(shard):
+                owner.setdefault((name, piece), (r, shard, attr, dtype))
     rank = dist.get_rank()
     out: dict[str, torch.Tensor] = {}
     for name in sorted({name for name, _ in owner}):
@@ -54,6 +58,10 @@ def gather_full(gm: nn.Module, params: Mapping[str, ParamShard], model: nn.Modul
         out[name] = full.to("cpu", copy=True) if full.device.type == "cpu" else full.cpu()
         del flat, by_piece, full
     return out
+
+
+def _layout(shard: ParamShard) -> tuple:
+    return shard.tp_dim, shard.tp, shard.fsdp, shard.dp if shard.fsdp else 1
 
 
 def full_state_dict(gm: nn.Module, params: Mapping[str, ParamShard], model: nn.Module,
