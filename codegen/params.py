@@ -241,28 +241,3 @@ def fetch_attr(root, target: str):
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
-
-
-def stored_runs(shard) -> list[tuple[int, int, int]]:
-    """Where the stored tensor's elements sit in the full tensor, as contiguous runs of the flat
-    tensors: [(full offset, stored offset, length)] in increasing order (FSDP padding is in none).
-    Lets holders with different layouts find the parts they share without building the full tensor."""
-    shape = tuple(shard.global_shape)
-    local = tp_local_shape(shape, shard.tp_dim, shard.tp)
-    if _tp_parts(shard) > 1:
-        d = shard.tp_dim
-        slab = math.prod(local[d:])  # one contiguous run per index of the dims before tp_dim
-        runs = [(o * shape[d] * slab // local[d] + shard.tp_index * slab, o * slab, slab)
-                for o in range(math.prod(shape[:d]))]
-    else:
-        runs = [(0, 0, math.prod(shape))]
-    if not shard.fsdp:
-        return runs
-    block = fsdp_block(math.prod(local), shard.dp)
-    lo, hi = shard.dp_index * block, min((shard.dp_index + 1) * block, math.prod(local))
-    out = []
-    for full, start, n in runs:
-        a, b = max(lo, start), min(hi, start + n)
-        if a < b:
-            out.append((full + a - start, a - lo, b - a))
-    return out

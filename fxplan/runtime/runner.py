@@ -4,9 +4,8 @@
 
 Per iteration (`train_step`): cut the global batch into the plan's microbatches (batches.py), run
 forward and backward of this rank's stage (a plain loop when pp == 1, a torch pipelining schedule
-otherwise, pipeline.py), SUMMING parameter gradients over each parameter's dp group while backward
-runs and over the stages sharing a weight when this stage's schedule is over (grad_sync.py; FSDP
-shards are reduce-scattered by the graph), waiting for those sums before returning.
+otherwise, pipeline.py), then SUM parameter gradients over each parameter's dp group and over the
+stages sharing a weight (grad_sync.py; FSDP shards were already reduce-scattered inside the graph).
 The loss comes back as an async all-reduce that only waits when the caller reads it: no global
 barrier at the end of an iteration, so a stage can start the next one as soon as it is done.
 """
@@ -143,12 +142,12 @@ class Runner:
         stash = [p.grad for p in params]  # grads from earlier steps: not re-summed over dp
         for p in params:
             p.grad = None
-        self.grad_sync.begin_step(m)  # dp sums start in backward as buckets complete
         if self.plan.pp == 1:
             local = self._run_loop(batch, m)
         else:
             local = self._run_pipeline(batch, m)
-        self.grad_sync.finish_step()
+        self.grad_sync.sum_over_dp()
+        self.grad_sync.sum_over_stages()
         for p, old in zip(params, stash):
             if old is not None:
                 p.grad = old if p.grad is None else old.add_(p.grad)

@@ -158,7 +158,7 @@ class CostModel:
             "backward": "2x forward FLOPs; weight matmuls split equally into B and W",
             "collectives": "alpha-beta ring; hierarchical (intra then inter-node) for groups spanning nodes",
             "fsdp": "params all-gathered per microbatch in forward and backward; grads reduce-scattered per step",
-            "grad_sync": "dp all-reduce hidden behind one microbatch's backward of the layer; fsdp not",
+            "grad_sync": "not overlapped with compute; its flat buffers hold a second gradient copy",
             "memory": "max(params + grads + optimizer + in-flight activations, that + dp sync buffers)",
             "activation_precision": "float activations at dtype_bytes",
             "batch_size": self.batch_size,
@@ -227,14 +227,8 @@ class CostModel:
         gather = self.mesh.comm_time("all_gather", n_s, f.tp, "dp", param_bytes) if fsdp else 0.0
         fwd = t_f + comm["fwd"] + gather
         bwd = t_b + comm["bwd"] + gather + ((t_f + comm["fwd"]) if recompute else 0.0)
-        if dp > 1 and fsdp:
-            sync = self.mesh.comm_time("reduce_scatter", n_s, f.tp, "dp", param_bytes)
-        elif dp > 1:
-            # The runtime all-reduces a layer's gradients (bucketed) as soon as the last microbatch's
-            # backward has produced them, while the backward of the layers before it runs: about this
-            # layer's own backward when layers are alike. Exposed is what does not fit behind it.
-            reduce = self.mesh.comm_time("all_reduce", n_s, f.tp, "dp", param_bytes)
-            sync = max(0.0, reduce - (bwd + t_w))
+        if dp > 1:
+            sync = self.mesh.comm_time("reduce_scatter" if fsdp else "all_reduce", n_s, f.tp, "dp", param_bytes)
         else:
             sync = 0.0
         per_param = 2 * cl.dtype_bytes + cl.optimizer_bytes_per_param  # weights, grads, optimizer

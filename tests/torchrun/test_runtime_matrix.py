@@ -258,24 +258,6 @@ def test_planner_free_choice_is_a_valid_plan(model):
     assert all(s[0] * s[1] == n for s in r["strategies"].values())
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(400)
-@pytest.mark.parametrize("plan", ["pp2-tied-dp-tp", "pp2-tied-fsdp-tp"])
-def test_tied_weight_across_stages_with_different_layouts(plan):
-    # GPT's embedding and head share a weight: dp2 (or FSDP) on stage 0, tp2 on stage 1. Each holder
-    # sums only the pieces it stores with the other holders of those pieces: groups smaller than
-    # every holder together, and no full-size tensor is reduced by anyone.
-    r = _result("gpt", plan, "pp2-tied-dp-tp,pp2-tied-fsdp-tp")
-    _check_equal_to_one_device(r)
-    shared = _shared_keys(r)
-    assert shared
-    for p in r["per_rank"]:
-        tied = {k: n for k, n in _bytes(p).items() if k[1].startswith("tied:")}
-        assert tied and all(len(k[1].split(",")) < WORLD for k in tied), tied
-        full = 4 * sum(full for key, (full, _) in p["shards"].items() if key in shared)
-        assert all(nbytes < STEPS * full for nbytes in tied.values())
-
-
 # ---------------------------------------------------------------- Hugging Face transformers
 
 

@@ -195,19 +195,6 @@ def mixed(compiled) -> Plan:
     return _restrategize(compiled, choose)
 
 
-def tied_layouts(compiled, fsdp: bool) -> Plan:
-    """pp=2 with the stages laid out differently: dp2 (FSDP or not) on the first, Megatron tp2 on the
-    second, so a weight tied across them (GPT's embedding/head) is stored in different pieces."""
-    first = set(compiled.plan.stages[0].layers)
-
-    def choose(i, name, s):
-        if name in first:
-            return Strategy(dp=2, tp=1, fsdp=fsdp)
-        return Strategy(dp=1, tp=2, spec=_best_tp_spec(compiled, name, 2))
-
-    return _restrategize(compiled, choose)
-
-
 def make_plan(name: str, model, batch):
     """-> (Compiled, expected per-layer (dp, tp) summary) for one named plan of the matrix."""
     if name == "dp4":
@@ -231,9 +218,6 @@ def make_plan(name: str, model, batch):
         return _compile(model, batch, plan=mixed(base))
     if name == "free":
         return _compile(model, batch, recompute=False)
-    if name in ("pp2-tied-dp-tp", "pp2-tied-fsdp-tp"):
-        return _compile(model, batch, plan=tied_layouts(_compile(model, batch, pp=2, microbatches=2,
-                                                                  schedule="1f1b"), fsdp=name.endswith("fsdp-tp")))
     raise SystemExit(f"unknown plan {name}")
 
 
