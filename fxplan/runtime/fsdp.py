@@ -1,4 +1,5 @@
-"""One FSDP unit (a layer's FSDP parameters on one dp group): ONE all-gather, ONE reduce-scatter.
+"""One FSDP unit (a layer's FSDP parameters on one dp group): one all-gather per forward (ZeRO-3:
+plus one re-gather in backward; keep: one per step, see fsdp_state.py), ONE reduce-scatter.
 
 Each shard is its parameter's flat 1/dp block (codegen/params.py). Forward concatenates this rank's
 blocks, all-gathers the concatenation (member-major: [member][param block]) and copies each
@@ -16,37 +17,32 @@ and the gradients are returned as usual.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from fxplan._torch import has_grad_hooks, queue_end_of_backward, will_engine_execute
 from fxplan.runtime.comm import Communicator
-from fxplan.runtime.flat_ops import Pending, gather_flat, reduce_scatter_flat
+from fxplan.runtime.flat_ops import Pending, reduce_scatter_flat
+from fxplan.runtime.fsdp_state import copy_out, launch_gather
 
 
 class FsdpGatherLayer(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, comm, key, shapes, *shards):
-        n = comm.size(key)
-        blocks = [s.numel() for s in shards]
-        ctx.comm, ctx.key, ctx.shapes, ctx.blocks, ctx.dtype = comm, key, shapes, blocks, shards[0].dtype
-        flats = [s.detach().reshape(-1) for s in shards]
-        mine = torch.cat(flats) if len(flats) > 1 else flats[0]
-        out = mine.new_empty(n * mine.numel())
-        gather_flat(comm, out, mine, key).wait()
-        comm.record("all_gather", key, "fwd", out)
-        grid = out.view(n, -1)
-        fulls, offset = [], 0
-        for block, shape in zip(blocks, shapes):
-            flat = out if len(blocks) == 1 else grid[:, offset:offset + block].reshape(-1)  # the copy-out
-            fulls.append(flat[:math.prod(shape)].view(shape))
-            offset += block
-        return tuple(fulls)
+    def forward(ctx, comm, key, shapes, keep, *shards):
+        ctx.comm, ctx.key, ctx.blocks, ctx.dtype = comm, key, [s.numel() for s in shards], shards[0].dtype
+        ctx.gathered = None
+        state = comm.fsdp  # the stage forward in progress (fsdp_state.py); None: a plain gather
+        if state is not None:
+            fulls, ctx.gathered = state.gather(key, shapes, shards, keep)
+            return fulls
+        pending, out = launch_gather(comm, key, shards, async_op=False)
+        pending.wait()
+        return copy_out(out, comm.size(key), shards, shapes)
 
     @staticmethod
     def backward(ctx, *grads):
         comm, n, blocks = ctx.comm, ctx.comm.size(ctx.key), ctx.blocks
+        if ctx.gathered is not None:  # every use of the re-gathered weights is done
+            ctx.gathered.release()
         total = sum(blocks)
         send = torch.empty((n, total), dtype=ctx.dtype, device=grads[0].device)
         offset = 0
@@ -59,7 +55,7 @@ class FsdpGatherLayer(torch.autograd.Function):
             offset += block
         out = send.new_empty(total)
         comm.record("reduce_scatter", ctx.key, "bwd", send)
-        no_grads = (None, None, None)  # comm, key, shapes
+        no_grads = (None, None, None, None)  # comm, key, shapes, keep
         leaves = _leaves_accumulated(ctx, len(blocks))
         if leaves is not None and _defer_to_end_of_backward(comm):
             pending = reduce_scatter_flat(comm, out, send.view(-1), ctx.key, async_op=True)
