@@ -11,8 +11,10 @@ Overlap: when the autograd engine is about to accumulate every shard's gradient 
 plain .backward(), not autograd.grad), the reduce-scatter is launched asynchronously and the
 backward returns no gradient for the shards; the communicator's `finish_deferred`, queued as the
 engine's end-of-backward callback, waits for it and accumulates into the shards' .grad. Meanwhile
-the engine computes the earlier layers' backward. Otherwise the reduce-scatter runs synchronously
-and the gradients are returned as usual.
+the engine computes the earlier layers' backward. Each holds its layer's full-size gradient
+buffer, so the next layer's backward waits for the earlier ones before it fills its own: one is
+in flight at a time, and only the shard-sized results wait for the end of backward.
+Otherwise the reduce-scatter runs synchronously and the gradients are returned as usual.
 """
 
 from __future__ import annotations
@@ -23,6 +25,16 @@ from fxplan._torch import has_grad_hooks, queue_end_of_backward, will_engine_exe
 from fxplan.runtime.comm import Communicator
 from fxplan.runtime.flat_ops import Pending, reduce_scatter_flat
 from fxplan.runtime.fsdp_state import copy_out, launch_gather
+
+
+class _Deferred:
+    """A launched reduce-scatter and what adds its result into the shards' .grad at end of backward."""
+
+    def __init__(self, pending: Pending, finish):
+        self.pending, self._finish = pending, finish
+
+    def __call__(self) -> None:
+        self._finish()
 
 
 class FsdpGatherLayer(torch.autograd.Function):
@@ -43,6 +55,9 @@ class FsdpGatherLayer(torch.autograd.Function):
         comm, n, blocks = ctx.comm, ctx.comm.size(ctx.key), ctx.blocks
         if ctx.gathered is not None:  # every use of the re-gathered weights is done
             ctx.gathered.release()
+        for earlier in comm.deferred:  # the earlier layers' reduce-scatters (they overlapped this
+            if isinstance(earlier, _Deferred):  # layer's compute) free their full-size buffers first
+                earlier.pending.wait()
         total = sum(blocks)
         send = torch.empty((n, total), dtype=ctx.dtype, device=grads[0].device)
         offset = 0
@@ -59,7 +74,7 @@ class FsdpGatherLayer(torch.autograd.Function):
         leaves = _leaves_accumulated(ctx, len(blocks))
         if leaves is not None and _defer_to_end_of_backward(comm):
             pending = reduce_scatter_flat(comm, out, send.view(-1), ctx.key, async_op=True)
-            comm.deferred.append(lambda: _accumulate(pending, out, blocks, leaves))
+            comm.deferred.append(_Deferred(pending, lambda: _accumulate(pending, out, blocks, leaves)))
             return no_grads + (None,) * len(blocks)
         reduce_scatter_flat(comm, out, send.view(-1), ctx.key).wait()
         return no_grads + tuple(out.split(blocks))

@@ -71,18 +71,21 @@ class Gathered:
     def __init__(self, state: "FsdpState", unit: _Unit, prev: "Gathered | None"):
         self.state, self.unit, self.prev = state, unit, prev
         self.packed = 0  # saved weights handed out as handles
+        self.unpacked = 0  # of them, unpacked in backward: when all are, the re-gathered weights go
         self.fulls: tuple | None = None  # re-gathered in backward, until this layer's backward ends
         self.pending = None  # (Pending, copy-out) of a prefetched re-gather
         self.done = False
 
     def fulls_for_backward(self) -> tuple:
+        """The re-gathered weights (again after the last unpack under retain_graph: a second pass)."""
         if self.fulls is None:
             pending, finish = self.pending or self.unit.gather(self.state.comm, phase="bwd")
             self.pending = None
             pending.wait()
             self.fulls = finish()
             prev = self.prev
-            if prev is not None and prev.packed and not prev.done and prev.fulls is None and prev.pending is None:
+            if prev is not None and prev.unpacked < prev.packed and not prev.done and prev.fulls is None \
+                    and prev.pending is None:
                 prev.pending = prev.unit.gather(self.state.comm, async_op=True, phase="bwd")
         return self.fulls
 
@@ -188,5 +191,10 @@ class FsdpState:
     def _unpack(saved):
         if not isinstance(saved, _Handle):
             return saved
-        full = saved.gathered.fulls_for_backward()[saved.index]
-        return full.as_strided(saved.size, saved.stride, full.storage_offset() + saved.offset)
+        gathered = saved.gathered
+        full = gathered.fulls_for_backward()[saved.index]
+        out = full.as_strided(saved.size, saved.stride, full.storage_offset() + saved.offset)
+        gathered.unpacked += 1
+        if gathered.unpacked == gathered.packed:  # the layer's last saved weight (a tied weight's
+            gathered.fulls = None  # later user may come first): free it after this op's backward
+        return out
