@@ -16,7 +16,8 @@ collective each placement change needs):
 - FSDP parameters are stored per parameter (a flat 1/dp block each, codegen/params.py) but
   gathered per layer: at the first use of any of them, ONE fxplan_fsdp_gather_layer call gathers
   every FSDP parameter of that layer (same dp group and dtype) and getitems hand out each one; its
-  backward is one reduce-scatter;
+  backward is one reduce-scatter; the call says whether the layer keeps the gathered weights for
+  the step (reshard=False) or frees them after forward and re-gathers in backward (the runtime's);
 - shape arguments become static local shapes (codegen/shapes.py);
 - the last stage returns the local loss times 1/dp of the loss layer (the runtime applies
   1/microbatches), so summing over the dp group gives the true loss;
@@ -58,6 +59,7 @@ class _Ctx:
     tp_index: int
     tp_key: str
     dp_key: str
+    keep: bool = False  # FSDP keeps the gathered weights for the step (the strategy's reshard=False)
 
     def layout(self, placement) -> Layout:
         return Layout(self.dp, self.tp, placement)
@@ -158,7 +160,8 @@ class _Emitter:
         dp_index, tp_index = divmod(self.q, tp)
         d = self.devices
         return _Ctx(layer.index, layer.name, spec, dp, tp, strat.fsdp, dp_index, tp_index,
-                    group_key(d[dp_index * tp:(dp_index + 1) * tp], "tp"), group_key(d[tp_index::tp], "dp"))
+                    group_key(d[dp_index * tp:(dp_index + 1) * tp], "tp"), group_key(d[tp_index::tp], "dp"),
+                    keep=strat.fsdp and not strat.reshard)
 
     def _home_layout(self, name: str) -> Layout:
         """How tensor `name` leaves the layer producing it (stage inputs: the full microbatch)."""
@@ -300,7 +303,9 @@ class _Emitter:
 
     def _ensure_param(self, name: str) -> None:
         """Emit the gather of `name`'s FSDP unit at its first use (nothing for other tensors)."""
-        self.internal.update(self.params.gather_unit(self.graph, self.ops.fsdp_gather_layer, name, self.keys))
+        ctx = self.ctx_of.get(self.alias.get(name, name))
+        self.internal.update(self.params.gather_unit(self.graph, self.ops.fsdp_gather_layer, name, self.keys,
+                                                     keep=bool(ctx and ctx.keep)))
 
     # ------------------------------------------------------------ the pass
     def _assign_layers(self, sg: fx.Graph) -> None:

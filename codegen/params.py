@@ -130,7 +130,7 @@ class StageParams:
             self.units.setdefault(shard.fsdp_unit, []).append(node)
             self.unit_of[node] = shard.fsdp_unit
 
-    def gather_unit(self, graph: fx.Graph, gather, node: str, keys: set[str]) -> dict[str, fx.Node]:
+    def gather_unit(self, graph: fx.Graph, gather, node: str, keys: set[str], keep: bool = False) -> dict[str, fx.Node]:
         """At the first use of an FSDP parameter: the get_attr of every member of its unit, one `gather`
         call (a whole layer arrives in one collective), one getitem per member -> {member: node}."""
         unit = self.unit_of.get(self.alias.get(node, node))
@@ -140,7 +140,8 @@ class StageParams:
         shards = [self.shards[self.attr_of_node[m]] for m in members]
         attrs = [graph.get_attr(self.attr_of_node[m]) for m in members]
         keys.add(shards[0].dp_group)
-        gathered = graph.call_function(gather, (attrs, shards[0].dp_group, tuple(tuple(s.local_shape) for s in shards)))
+        shapes = tuple(tuple(s.local_shape) for s in shards)
+        gathered = graph.call_function(gather, (attrs, shards[0].dp_group, shapes, keep))
         out = {}
         for i, m in enumerate(members):
             out[m] = graph.call_function(operator.getitem, (gathered, i))

@@ -32,7 +32,7 @@ class GraphOps:
     rows: Callable[[Tensor, int, int, int, str], Tensor]  # (x, dim, index, parts, bwd_key)
     regroup_rows: Callable[[Tensor, int, str, int, int, str], Tensor]  # (x, dim, fwd_key, index, parts, bwd_key)
     dp_grad_fix: Callable[[Tensor, str, float], Tensor]  # (x, key, scale)
-    fsdp_gather_layer: Callable[[list, str, tuple], tuple]  # (shards, dp key, tp-local shapes)
+    fsdp_gather_layer: Callable[[list, str, tuple, bool], tuple]  # (shards, dp key, tp-local shapes, keep)
 
 
 @dataclass(frozen=True)

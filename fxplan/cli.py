@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--batch", required=True, type=int, metavar="N", help="global batch size (samples)")
     plan.add_argument("--cluster", required=True, metavar="PRESET:NODESxDEVICES", help="e.g. a100-80g:4x8")
     plan.add_argument("--pin", default="", metavar="k=v,...",
-                      help="pin search fields: pp, dp, tp, fsdp, schedule, microbatches, recompute (e.g. pp=2,tp=4)")
+                      help="pin search fields: pp, dp, tp, fsdp, reshard, schedule, microbatches, recompute (e.g. pp=2,tp=4)")
     plan.add_argument("--planner", default="miqp", choices=["miqp", "grid", "exhaustive"],
                       help="miqp (unified MIQP, default), grid (Megatron-style baseline), exhaustive (brute force)")
     plan.add_argument("--time-limit", type=float, default=60.0, metavar="S", help="solver budget in seconds")

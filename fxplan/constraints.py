@@ -24,6 +24,9 @@ class Constraints:
     """Tensor-parallel degree of every layer."""
     fsdp: bool | None = None
     """Shard every layer's parameters/grads/optimizer state over its dp axis (True) or never (False)."""
+    reshard: bool | None = None
+    """FSDP layers free their gathered weights after each forward and re-gather in backward (True),
+    or keep them gathered for the whole step (False); layers without FSDP are not affected."""
     schedule: str | None = None
     """Pipeline schedule name (see fxplan.schedules)."""
     microbatches: int | None = None
@@ -36,7 +39,7 @@ class Constraints:
             value = getattr(self, field)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConstraintError(f"Constraints.{field} must be a positive integer or None, got {value!r}")
-        for field in ("fsdp", "recompute"):
+        for field in ("fsdp", "reshard", "recompute"):
             value = getattr(self, field)
             if value is not None and not isinstance(value, bool):
                 raise ConstraintError(f"Constraints.{field} must be True, False or None, got {value!r}")
@@ -62,7 +65,7 @@ class Constraints:
             if not sep or key not in cls.__dataclass_fields__:
                 raise ConstraintError(f"bad pin {item!r}: use key=value with key in {', '.join(cls.__dataclass_fields__)}")
             raw = raw.strip()
-            if key in ("fsdp", "recompute"):
+            if key in ("fsdp", "reshard", "recompute"):
                 if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
                     raise ConstraintError(f"bad pin {item!r}: {key} takes true or false")
                 values[key] = raw.lower() in ("true", "1", "yes")

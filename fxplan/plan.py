@@ -22,27 +22,34 @@ class Strategy:
     fsdp: bool = False
     recompute: bool = False
     spec: str = "R"  # label of the tensor-parallel sharding (passes.ir.TPSpec.label); "R" when tp == 1
+    reshard: bool = True  # FSDP frees the gathered weights after each forward (ZeRO-3) or keeps them for the step
+
+    def __post_init__(self):
+        if not self.fsdp and not self.reshard:  # without FSDP nothing is gathered: one canonical value
+            object.__setattr__(self, "reshard", True)
 
     def __str__(self) -> str:
         text = f"dp{self.dp}"
         if self.tp > 1:
             text += f"·tp{self.tp}[{self.spec}]"
         if self.fsdp:
-            text += "·fsdp"
+            text += "·fsdp" if self.reshard else "·fsdp·keep"
         if self.recompute:
             text += "·rc"
         return text
 
     def to_dict(self) -> dict:
-        return dict(dp=self.dp, tp=self.tp, fsdp=self.fsdp, recompute=self.recompute, spec=self.spec)
+        return dict(dp=self.dp, tp=self.tp, fsdp=self.fsdp, recompute=self.recompute, spec=self.spec,
+                    reshard=self.reshard)
 
     @classmethod
     def from_dict(cls, data: dict) -> "Strategy":
         try:
             return cls(dp=int(data["dp"]), tp=int(data["tp"]), fsdp=bool(data.get("fsdp", False)),
-                       recompute=bool(data.get("recompute", False)), spec=str(data.get("spec", "R")))
+                       recompute=bool(data.get("recompute", False)), spec=str(data.get("spec", "R")),
+                       reshard=bool(data.get("reshard", True)))
         except (KeyError, TypeError, ValueError) as exc:
-            raise PlanFileError(f"bad strategy {data!r}: {exc}; each needs dp, tp (and optional fsdp, recompute, spec)") from None
+            raise PlanFileError(f"bad strategy {data!r}: {exc}; each needs dp, tp (and optional fsdp, recompute, spec, reshard)") from None
 
 
 @dataclass(frozen=True)

@@ -86,11 +86,12 @@ def fxplan_dp_grad_fix(x: torch.Tensor, key: str, scale: float) -> torch.Tensor:
     return F.DpGradFix.apply(x, current(), key, scale)
 
 
-def fxplan_fsdp_gather_layer(shards: list, key: str, shapes: tuple) -> tuple:
+def fxplan_fsdp_gather_layer(shards: list, key: str, shapes: tuple, keep: bool = False) -> tuple:
     """FSDP, one layer's parameters at once: the flat shards -> each parameter in its tp-local shape.
 
-    One all-gather forward, one reduce-scatter (async, see fsdp.py) backward."""
-    return FsdpGatherLayer.apply(current(), key, tuple(tuple(s) for s in shapes), *shards)
+    All-gather in forward (keep: once per step, fsdp_state.py), one reduce-scatter (async, see
+    fsdp.py) backward."""
+    return FsdpGatherLayer.apply(current(), key, tuple(tuple(s) for s in shapes), bool(keep), *shards)
 
 
 GRAPH_OPS = GraphOps(

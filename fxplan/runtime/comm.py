@@ -56,6 +56,7 @@ class Communicator:
         # finishers of launched async FSDP reduce-scatters, run in order at the end of backward
         self.deferred: list[Callable[[], None]] = []
         self.observer: CollectiveCounter | None = None
+        self.fsdp = None  # the FSDP state (fsdp_state.py) of the stage whose forward is running
         self._loss_group: dist.ProcessGroup | None = None
 
     # ------------------------------------------------------------ groups

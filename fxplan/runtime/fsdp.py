@@ -1,4 +1,5 @@
-"""One FSDP unit (a layer's FSDP parameters on one dp group): ONE all-gather, ONE reduce-scatter.
+"""One FSDP unit (a layer's FSDP parameters on one dp group): one all-gather per forward (ZeRO-3:
+plus one re-gather in backward; keep: one per step, see fsdp_state.py), ONE reduce-scatter.
 
 Each shard is its parameter's flat 1/dp block (codegen/params.py). Forward concatenates this rank's
 blocks, all-gathers the concatenation (member-major: [member][param block]) and copies each
@@ -10,43 +11,53 @@ Overlap: when the autograd engine is about to accumulate every shard's gradient 
 plain .backward(), not autograd.grad), the reduce-scatter is launched asynchronously and the
 backward returns no gradient for the shards; the communicator's `finish_deferred`, queued as the
 engine's end-of-backward callback, waits for it and accumulates into the shards' .grad. Meanwhile
-the engine computes the earlier layers' backward. Otherwise the reduce-scatter runs synchronously
-and the gradients are returned as usual.
+the engine computes the earlier layers' backward. Each holds its layer's full-size gradient
+buffer, so the next layer's backward waits for the earlier ones before it fills its own: one is
+in flight at a time, and only the shard-sized results wait for the end of backward.
+Otherwise the reduce-scatter runs synchronously and the gradients are returned as usual.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
 from fxplan._torch import has_grad_hooks, queue_end_of_backward, will_engine_execute
 from fxplan.runtime.comm import Communicator
-from fxplan.runtime.flat_ops import Pending, gather_flat, reduce_scatter_flat
+from fxplan.runtime.flat_ops import Pending, reduce_scatter_flat
+from fxplan.runtime.fsdp_state import copy_out, launch_gather
+
+
+class _Deferred:
+    """A launched reduce-scatter and what adds its result into the shards' .grad at end of backward."""
+
+    def __init__(self, pending: Pending, finish):
+        self.pending, self._finish = pending, finish
+
+    def __call__(self) -> None:
+        self._finish()
 
 
 class FsdpGatherLayer(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, comm, key, shapes, *shards):
-        n = comm.size(key)
-        blocks = [s.numel() for s in shards]
-        ctx.comm, ctx.key, ctx.shapes, ctx.blocks, ctx.dtype = comm, key, shapes, blocks, shards[0].dtype
-        flats = [s.detach().reshape(-1) for s in shards]
-        mine = torch.cat(flats) if len(flats) > 1 else flats[0]
-        out = mine.new_empty(n * mine.numel())
-        gather_flat(comm, out, mine, key).wait()
-        comm.record("all_gather", key, "fwd", out)
-        grid = out.view(n, -1)
-        fulls, offset = [], 0
-        for block, shape in zip(blocks, shapes):
-            flat = out if len(blocks) == 1 else grid[:, offset:offset + block].reshape(-1)  # the copy-out
-            fulls.append(flat[:math.prod(shape)].view(shape))
-            offset += block
-        return tuple(fulls)
+    def forward(ctx, comm, key, shapes, keep, *shards):
+        ctx.comm, ctx.key, ctx.blocks, ctx.dtype = comm, key, [s.numel() for s in shards], shards[0].dtype
+        ctx.gathered = None
+        state = comm.fsdp  # the stage forward in progress (fsdp_state.py); None: a plain gather
+        if state is not None:
+            fulls, ctx.gathered = state.gather(key, shapes, shards, keep)
+            return fulls
+        pending, out = launch_gather(comm, key, shards, async_op=False)
+        pending.wait()
+        return copy_out(out, comm.size(key), shards, shapes)
 
     @staticmethod
     def backward(ctx, *grads):
         comm, n, blocks = ctx.comm, ctx.comm.size(ctx.key), ctx.blocks
+        if ctx.gathered is not None:  # every use of the re-gathered weights is done
+            ctx.gathered.release()
+        for earlier in comm.deferred:  # the earlier layers' reduce-scatters (they overlapped this
+            if isinstance(earlier, _Deferred):  # layer's compute) free their full-size buffers first
+                earlier.pending.wait()
         total = sum(blocks)
         send = torch.empty((n, total), dtype=ctx.dtype, device=grads[0].device)
         offset = 0
@@ -59,11 +70,11 @@ class FsdpGatherLayer(torch.autograd.Function):
             offset += block
         out = send.new_empty(total)
         comm.record("reduce_scatter", ctx.key, "bwd", send)
-        no_grads = (None, None, None)  # comm, key, shapes
+        no_grads = (None, None, None, None)  # comm, key, shapes, keep
         leaves = _leaves_accumulated(ctx, len(blocks))
         if leaves is not None and _defer_to_end_of_backward(comm):
             pending = reduce_scatter_flat(comm, out, send.view(-1), ctx.key, async_op=True)
-            comm.deferred.append(lambda: _accumulate(pending, out, blocks, leaves))
+            comm.deferred.append(_Deferred(pending, lambda: _accumulate(pending, out, blocks, leaves)))
             return no_grads + (None,) * len(blocks)
         reduce_scatter_flat(comm, out, send.view(-1), ctx.key).wait()
         return no_grads + tuple(out.split(blocks))

@@ -31,6 +31,7 @@ from fxplan.runtime import full_state, materialize, pipeline
 from fxplan.runtime.batches import check_batch, is_batched, microbatches
 from fxplan.runtime.collectives import GRAPH_OPS
 from fxplan.runtime.comm import CollectiveCounter, Communicator
+from fxplan.runtime.fsdp_state import FsdpState
 from fxplan.runtime.grad_sync import GradSync
 from fxplan.runtime.process import check_same_plan, check_world_size, device, init_default_group
 
@@ -93,6 +94,8 @@ class Runner:
         self.gm = self.program.gm
         self._install_params(init_fn)
         self.grad_sync = GradSync(self.comm, self.gm, self.program.params, model, self.stage_index)
+        # ZeRO-3 handles, kept units and prefetches of this stage's FSDP layers
+        self.fsdp = FsdpState(self.comm, self.gm) if any(s.fsdp for s in self.program.params.values()) else None
         self._pipe: pipeline.PipelineRun | None = None
         self._pipe_key: tuple | None = None
 
@@ -146,6 +149,8 @@ class Runner:
             local = self._run_loop(batch, m)
         else:
             local = self._run_pipeline(batch, m)
+        if self.fsdp is not None:
+            self.fsdp.end_step()
         self.grad_sync.sum_over_dp()
         self.grad_sync.sum_over_stages()
         for p, old in zip(params, stash):

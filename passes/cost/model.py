@@ -157,7 +157,8 @@ class CostModel:
             "efficiency": f"{c.max_efficiency} * size / (size + {c.half_efficiency_dim}), size = geomean(m, n, k)",
             "backward": "2x forward FLOPs; weight matmuls split equally into B and W",
             "collectives": "alpha-beta ring; hierarchical (intra then inter-node) for groups spanning nodes",
-            "fsdp": "params all-gathered per microbatch in forward and backward; grads reduce-scattered per step",
+            "fsdp": "reshard (ZeRO-3): params all-gathered per microbatch in forward and again in backward, "
+                    "keep: gathered once per step and held; grads reduce-scattered",
             "grad_sync": "not overlapped with compute; its flat buffers hold a second gradient copy",
             "memory": "max(params + grads + optimizer + in-flight activations, that + dp sync buffers)",
             "activation_precision": "float activations at dtype_bytes",
@@ -204,13 +205,14 @@ class CostModel:
         key = (self._content(u), n_s, c)
         cached = self._arrays.get(key)
         if cached is None:
-            rows = [self._strategy_cost(self.facts(u, s.tp, s.spec), s.dp, s.fsdp, s.recompute, n_s, c)
-                    for s in strategies]
+            rows = [self._strategy_cost(self.facts(u, s.tp, s.spec), s.dp, s.fsdp, s.recompute, n_s, c,
+                                        reshard=s.reshard) for s in strategies]
             cached = _Arrays(*(_frozen(col) for col in zip(*rows)))
             self._arrays[key] = cached
         return cached
 
-    def _strategy_cost(self, f: SpecFacts, dp: int, fsdp: bool, recompute: bool, n_s: int, c: int):
+    def _strategy_cost(self, f: SpecFacts, dp: int, fsdp: bool, recompute: bool, n_s: int, c: int,
+                       reshard: bool = True):
         """(fwd, bwd, wgt, sync, mem_fixed, mem_act, mem_peak) of one strategy, one microbatch, one device."""
         cl = self.cluster
         samples = self.batch_size / (c * dp)  # per device per microbatch
@@ -225,14 +227,22 @@ class CostModel:
             comm[phase] += self.mesh.comm_time(kind, n_s, f.tp, axis, size)
         param_bytes = f.param_numel * cl.dtype_bytes
         gather = self.mesh.comm_time("all_gather", n_s, f.tp, "dp", param_bytes) if fsdp else 0.0
-        fwd = t_f + comm["fwd"] + gather
-        bwd = t_b + comm["bwd"] + gather + ((t_f + comm["fwd"]) if recompute else 0.0)
+        # ZeRO-3 gathers in every microbatch's forward and again in its backward; keep gathers once
+        # per step (spread over the microbatches' forwards) plus the copy of the gathered buffer out
+        # into the parameters (no memory bandwidth figure: priced at the link's rate rather than at
+        # no cost), and again in backward only where recompute re-runs the forward.
+        kept = (gather + param_bytes / cl.intra_bw) / c if fsdp and not reshard else 0.0
+        fwd = t_f + comm["fwd"] + (gather if reshard else kept)
+        bwd = t_b + comm["bwd"] + (gather if reshard or recompute else 0.0) + \
+            ((t_f + comm["fwd"]) if recompute else 0.0)
         if dp > 1:
             sync = self.mesh.comm_time("reduce_scatter" if fsdp else "all_reduce", n_s, f.tp, "dp", param_bytes)
         else:
             sync = 0.0
         per_param = 2 * cl.dtype_bytes + cl.optimizer_bytes_per_param  # weights, grads, optimizer
-        if fsdp:
+        if fsdp and not reshard:
+            mem_fixed = f.param_numel * per_param / dp + param_bytes  # + the layer kept gathered all step
+        elif fsdp:
             mem_fixed = f.param_numel * per_param / dp + param_bytes  # + this layer's gathered params
         else:
             mem_fixed = f.param_numel * per_param

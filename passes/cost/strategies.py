@@ -16,7 +16,8 @@ def layer_strategies(layer_index: int, space: StrategySpace, stage_size: int,
                      constraints: Constraints | None = None) -> tuple[Strategy, ...]:
     """All strategies with dp * tp = stage_size, in a fixed order (tp, spec, fsdp, recompute).
 
-    Respects the dp / tp / fsdp / recompute pins of `constraints`. FSDP needs dp > 1. A layer without
+    Respects the dp / tp / fsdp / reshard / recompute pins of `constraints`. FSDP needs dp > 1 and
+    re-gathers in backward (ZeRO-3) unless reshard=False is pinned (kept gathered for the step). A layer without
     parameters gets no fsdp variants (they would cost exactly the same as without), unless fsdp is
     pinned True, in which case its fsdp=True twin stands in (so a pinned plan says fsdp everywhere).
     Empty when the pins leave nothing.
@@ -36,8 +37,12 @@ def layer_strategies(layer_index: int, space: StrategySpace, stage_size: int,
             fsdp_options = [False]
         fsdp_options = [f for f in fsdp_options if pins.allows(fsdp=f)]
         rc_options = [r for r in (False, True) if pins.allows(recompute=r)]
+        # (fsdp, reshard): FSDP re-gathers in backward (ZeRO-3) unless reshard=False is pinned (the
+        # gathered layer kept for the step); the pin only concerns FSDP layers
+        sharding = [(f, pins.reshard is not False) for f in fsdp_options]
         for spec in specs:
-            for fsdp in fsdp_options:
+            for fsdp, reshard in sharding:
                 for recompute in rc_options:
-                    out.append(Strategy(dp=dp, tp=tp, fsdp=fsdp, recompute=recompute, spec=spec.label))
+                    out.append(Strategy(dp=dp, tp=tp, fsdp=fsdp, recompute=recompute, spec=spec.label,
+                                        reshard=reshard))
     return tuple(out)

@@ -24,7 +24,8 @@ ENV = {"FXPLAN_TIMEOUT_S": "60", "OMP_NUM_THREADS": "1"}
 BATCH, STEPS, WORLD = 16, 3, 4  # as in the worker
 
 MODELS = ["gpt", "llama", "bert", "vit", "custom"]
-PLANS = ["dp4", "tp4", "dp4-fsdp", "pp4-gpipe", "pp4-1f1b", "pp2xtp2", "pp2xdp2", "pp2xdp2-fsdp", "mixed", "free"]
+PLANS = ["dp4", "tp4", "dp4-fsdp", "dp4-fsdp-keep", "pp4-gpipe", "pp4-1f1b", "pp2xtp2", "pp2xdp2", "pp2xdp2-fsdp",
+         "pp2xdp2-fsdp-keep", "mixed", "free"]
 HF_MODELS = ["hf-llama", "hf-gpt2"]
 HF_PLANS = ["pp2xdp2", "tp4"]
 
@@ -176,6 +177,31 @@ def test_fsdp_stores_a_quarter_and_gathers_per_use(model):
         assert r["full_numel"] / 4 <= p["local_numel"] < r["full_numel"] / 4 + len(p["shards"])
         assert p["rows"] == [BATCH // 4]
         _check_fsdp_traffic(p, "dp:0,1,2,3", 1)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("model", MODELS)
+def test_fsdp_reshard_policies_gather_per_microbatch_or_once_per_step(model):
+    """ZeRO-3 gathers every microbatch's forward and re-gathers in its backward; keep gathers once
+    per step (forward) and never in backward; both reduce-scatter every microbatch's gradients."""
+    for name, group in (("dp4-fsdp", lambda p: "dp:0,1,2,3"), ("pp2xdp2-fsdp", None),
+                        ("dp4-fsdp-keep", lambda p: "dp:0,1,2,3"), ("pp2xdp2-fsdp-keep", None)):
+        r = _result(model, name)
+        keep = name.endswith("keep")
+        assert all(s[4] is (not keep) for s in r["strategies"].values() if s[2])
+        for p in r["per_rank"]:
+            key = group(p) if group else "dp:" + ",".join(map(str, _stage_ranks(r, p)))
+            b = _bytes(p)
+            full_bytes = 4 * sum(full for full, _ in p["shards"].values())
+            gathered = STEPS * (1 if keep else r["microbatches"]) * full_bytes
+            assert gathered <= b[("all_gather", key, "fwd")]
+            if keep and not any(s[5] for s in r["strategies"].values()):  # recompute re-gathers in backward
+                assert b[("all_gather", key, "fwd")] <= gathered + STEPS * 4 * WORLD * len(p["shards"])
+            if keep:
+                assert ("all_gather", key, "bwd") not in b
+            else:  # every layer whose weights a backward op reads is re-gathered, once per microbatch
+                assert 0 < b[("all_gather", key, "bwd")] <= b[("all_gather", key, "fwd")]
 
 
 @pytest.mark.slow

@@ -203,7 +203,9 @@ def make_plan(name: str, model, batch):
         base = _compile(model, batch, pp=1, dp=1, tp=4, fsdp=False, microbatches=2)
         return _compile(model, batch, plan=real_tp(base))
     if name == "dp4-fsdp":
-        return _compile(model, batch, pp=1, dp=4, tp=1, fsdp=True, microbatches=1)
+        return _compile(model, batch, pp=1, dp=4, tp=1, fsdp=True, reshard=True, microbatches=1)
+    if name == "dp4-fsdp-keep":  # gathered once per step, kept over both microbatches
+        return _compile(model, batch, pp=1, dp=4, tp=1, fsdp=True, reshard=False, recompute=False, microbatches=2)
     if name in ("pp4-gpipe", "pp4-1f1b"):
         return _compile(model, batch, pp=4, microbatches=4, schedule=name.split("-")[1], fsdp=False)
     if name == "pp2xtp2":
@@ -212,7 +214,10 @@ def make_plan(name: str, model, batch):
     if name == "pp2xdp2":
         return _compile(model, batch, pp=2, dp=2, tp=1, fsdp=False, microbatches=2, schedule="1f1b")
     if name == "pp2xdp2-fsdp":
-        return _compile(model, batch, pp=2, dp=2, tp=1, fsdp=True, microbatches=2, schedule="gpipe")
+        return _compile(model, batch, pp=2, dp=2, tp=1, fsdp=True, reshard=True, microbatches=2, schedule="gpipe")
+    if name == "pp2xdp2-fsdp-keep":
+        return _compile(model, batch, pp=2, dp=2, tp=1, fsdp=True, reshard=False, recompute=False, microbatches=2,
+                        schedule="1f1b")
     if name == "mixed":
         base = _compile(model, batch, pp=1, microbatches=2)  # tp unpinned: specs for every degree
         return _compile(model, batch, plan=mixed(base))
@@ -274,7 +279,7 @@ def run_plan(model_name: str, plan_name: str) -> dict:
             "shards": shards, "rows": sorted(counter.rows), "counts": counts, "losses": losses}
     per_rank: list = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, mine)
-    strategies = {name: [s.dp, s.tp, s.fsdp, s.spec] for st in plan.stages for name, s in st.strategies.items()}
+    strategies = {name: [s.dp, s.tp, s.fsdp, s.spec, s.reshard, s.recompute] for st in plan.stages for name, s in st.strategies.items()}
     return {"plan": plan_name, "model": model_name, "pp": plan.pp, "microbatches": plan.microbatches,
             "schedule": plan.schedule, "strategies": strategies, "stage_layers": [list(st.layers) for st in plan.stages],
             "losses": losses, "reference": ref_losses, "param_close": close,
@@ -317,8 +322,8 @@ def _numel(shape) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="gpt")
-    parser.add_argument("--plans", default="dp4,tp4,dp4-fsdp,pp4-gpipe,pp4-1f1b,pp2xtp2,pp2xdp2,pp2xdp2-fsdp,"
-                                           "mixed,free")
+    parser.add_argument("--plans", default="dp4,tp4,dp4-fsdp,dp4-fsdp-keep,pp4-gpipe,pp4-1f1b,pp2xtp2,pp2xdp2,"
+                                           "pp2xdp2-fsdp,pp2xdp2-fsdp-keep,mixed,free")
     args = parser.parse_args()
     torch.set_num_threads(1)
     from fxplan.runtime.process import init_default_group
