@@ -12,6 +12,7 @@ second step is the one measured. Prints `RESULT {json}` per rank and plan.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -36,8 +37,11 @@ PLANS = {"dp4": dict(fsdp=False), "dp4-fsdp": dict(fsdp=True, reshard=True),
 def measure(name: str) -> dict:
     model = build(SPEC, device="meta")
     example = model.example_batch(BATCH, device="meta")
+    # Every field is pinned and memory is what this test measures: the planner's memory limit must
+    # not refuse dp4 on a host whose 4 ranks share less RAM than the plan's estimate asks for.
     pins = fxplan.Constraints(pp=1, dp=4, tp=1, recompute=False, microbatches=2, **PLANS[name])
-    compiled = fxplan.compile(model, example, cluster=fxplan.Cluster.local(world_size=4), constraints=pins,
+    roomy = dataclasses.replace(fxplan.Cluster.local(world_size=4), memory_bytes=64 * 2**30)
+    compiled = fxplan.compile(model, example, cluster=roomy, constraints=pins,
                               verbose=False)
     gc.collect()
     base = _status("VmRSS")  # what planning left behind (imports, solver) is no tensor of the step
