@@ -240,10 +240,10 @@ class CostModel:
         else:
             sync = 0.0
         per_param = 2 * cl.dtype_bytes + cl.optimizer_bytes_per_param  # weights, grads, optimizer
-        if fsdp and not reshard:
-            mem_fixed = f.param_numel * per_param / dp + param_bytes  # + the layer kept gathered all step
-        elif fsdp:
-            mem_fixed = f.param_numel * per_param / dp + param_bytes  # + this layer's gathered params
+        if fsdp:
+            # + one gathered copy of the layer: kept for the whole step (keep), or this layer's working
+            # set while it computes (ZeRO-3)
+            mem_fixed = f.param_numel * per_param / dp + param_bytes
         else:
             mem_fixed = f.param_numel * per_param
         if recompute:
