@@ -19,7 +19,6 @@ Exit status 0 when every row is within those bounds.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -113,6 +112,19 @@ def print_table(results: list[dict], facts: dict) -> bool:
     return ok
 
 
+def print_breakdown(results: list[dict], facts: dict) -> None:
+    for r in results:
+        est = facts["estimates"].get(r["name"])
+        if est is None:
+            continue
+        rank = min(range(len(r["peaks"])), key=lambda i: est[i] / r["peaks"][i]["peak"])
+        peak = r["peaks"][rank]
+        print(f"\n{r['name']} rank {rank}: peak {mb(peak['peak']).strip()} MiB, estimate {mb(est[rank]).strip()} MiB; "
+              f"live at the peak by allocating op:")
+        for label, nbytes in peak.get("breakdown", []):
+            print(f"  {mb(nbytes)}  {label}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=CHECK, help=f"GPT preset spec (default {CHECK}; calibrated on {CALIB})")
@@ -120,8 +132,10 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--families", default=",".join(FAMILIES))
     parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--breakdown", action="store_true",
+                        help="per family, at the worst rank's peak: live MiB by the ops that allocated them")
     args = parser.parse_args(argv)
-    from fxplan.runtime.launch import run_torchrun
+    from fxplan.runtime.launch import run_torchrun, tagged
 
     print(f"== fxplan memory bench: {args.model}, global batch {args.batch}, {WORLD} gloo ranks, Adam, "
           f"{args.steps} steps per contender")
@@ -129,14 +143,18 @@ def main(argv=None) -> int:
         names, facts = make_plans(args.model, args.batch, folder)
         names = [n for n in names if n in args.families.split(",")]
         proc = run_torchrun(WORKER, WORLD, ["--model", args.model, "--batch", args.batch, "--plans", folder,
-                                            "--families", ",".join(names), "--steps", args.steps],
+                                            "--families", ",".join(names), "--steps", args.steps]
+                            + (["--breakdown"] if args.breakdown else []),
                             timeout_s=args.timeout, env={"OMP_NUM_THREADS": "1", "FXPLAN_TIMEOUT_S": "120"})
-    results = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    results = tagged(proc.stdout)
     if proc.returncode != 0:
         print(proc.stderr[-4000:], file=sys.stderr)
         print(f"memory bench: torchrun failed (exit {proc.returncode})", file=sys.stderr)
         return 2
-    return 0 if print_table(results, facts) else 1
+    ok = print_table(results, facts)
+    if args.breakdown:
+        print_breakdown(results, facts)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ sys.path.insert(0, HERE)
 
 from memory_probe import Probe, train_steps  # noqa: E402
 from runtime_bench_worker import ddp_contender, fsdp2_contender, model_and_batch  # noqa: E402
+from fxplan.runtime.launch import say
 
 
 def fxplan_contender(spec: str, batch, plan):
@@ -42,17 +43,19 @@ def fxplan_contender(spec: str, batch, plan):
     return lambda: runner.train_step(*batch), list(runner.parameters()), runner
 
 
-def measure(make, steps: int) -> list[int]:
-    """Every rank's peak live tensor bytes over `steps` training steps of the contender make() builds."""
+def measure(make, steps: int, breakdown: bool = False) -> list[int]:
+    """Every rank's peak live tensor bytes over `steps` training steps of the contender make() builds
+    (and, with `breakdown`, the live bytes at the peak by the ops that allocated them)."""
     gc.collect()
     dist.barrier()
-    with Probe() as probe:
+    with Probe(breakdown) as probe:
         step, params, owner = make()
         with probe.measured():
             train_steps(step, params, steps)
         del step, params, owner
     out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, dict(peak=probe.peak_bytes, start=probe.start_bytes))
+    top = sorted(probe.breakdown.items(), key=lambda kv: -kv[1])[:12]
+    dist.all_gather_object(out, dict(peak=probe.peak_bytes, start=probe.start_bytes, breakdown=top))
     return out
 
 
@@ -63,6 +66,7 @@ def main() -> None:
     parser.add_argument("--plans", required=True)
     parser.add_argument("--families", required=True)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--breakdown", action="store_true")
     args = parser.parse_args()
     import fxplan
 
@@ -72,13 +76,13 @@ def main() -> None:
     for family in args.families.split(","):
         with open(os.path.join(args.plans, f"{family}.json")) as fh:
             plan = fxplan.Plan.from_json(fh.read())
-        peaks = measure(lambda: fxplan_contender(args.model, batch, plan), args.steps)
+        peaks = measure(lambda: fxplan_contender(args.model, batch, plan), args.steps, args.breakdown)
         if dist.get_rank() == 0:
-            print("RESULT " + json.dumps(dict(name=family, peaks=peaks)), flush=True)
+            say("RESULT " + json.dumps(dict(name=family, peaks=peaks)))
     for name, make in (("torch DDP", ddp_contender), ("torch FSDP2", fsdp2_contender)):
         peaks = measure(lambda: make(copy.deepcopy(model), batch)[:3], args.steps)
         if dist.get_rank() == 0:
-            print("RESULT " + json.dumps(dict(name=name, peaks=peaks)), flush=True)
+            say("RESULT " + json.dumps(dict(name=name, peaks=peaks)))
     dist.destroy_process_group()
 
 

@@ -33,6 +33,9 @@ MARK = "memory_probe.measured"
 class Probe:
     """`with Probe() as probe:` build things, then `with probe.measured():` the stretch whose peak counts."""
 
+    def __init__(self, breakdown: bool = False):
+        self.keep_breakdown = breakdown  # also say, at the peak, which ops allocated what is live
+
     def __enter__(self):
         self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
         self._prof.__enter__()
@@ -53,31 +56,55 @@ class Probe:
             return False
         start, end = min(m[0] for m in marks), max(m[1] for m in marks)
         live, born, self.start_bytes, peak = 0, {}, None, 0
-        for t, ptr, nbytes in allocs:
+        late: dict[tuple[int, int], int] = {}  # (address, bytes) -> frees known to have happened, not yet seen
+        self.breakdown: dict[str, int] = {}  # at the peak: live bytes by what allocated them
+        for t, ptr, nbytes, label in allocs:
             if t > end:
                 break
-            if nbytes > 0:
-                born[ptr] = nbytes
-            elif born.pop(ptr, None) is None:
-                continue  # freed here, allocated before the probe: never counted, so never subtracted
             if t >= start and self.start_bytes is None:
                 self.start_bytes = peak = live
-            live += nbytes
-            peak = max(peak, live) if t >= start else peak
+            if nbytes > 0:
+                old = born.pop(ptr, None)
+                if old is not None:
+                    # The allocator never hands out a live address: the tensor there was freed, by a
+                    # thread (gloo's, the autograd engine's) whose free event carries a later stamp
+                    # than this allocation. Count it freed now and skip its event when it comes.
+                    live -= old[0]
+                    late[(ptr, old[0])] = late.get((ptr, old[0]), 0) + 1
+                born[ptr] = (nbytes, label)
+                live += nbytes
+            else:
+                if late.get((ptr, -nbytes), 0) > 0:
+                    late[(ptr, -nbytes)] -= 1
+                    continue
+                old = born.pop(ptr, None)
+                if old is None:
+                    continue  # freed here, allocated before the probe: never counted, so never subtracted
+                live -= old[0]
+            if t >= start and live > peak:
+                peak = live
+                self._peak_live = born.copy() if self.keep_breakdown else None
         if self.start_bytes is None:  # nothing allocated in the measured stretch
             self.start_bytes = peak = live
         self.peak_bytes = peak
+        for nbytes, label in (getattr(self, "_peak_live", None) or {}).values():
+            self.breakdown[label] = self.breakdown.get(label, 0) + nbytes
+        self._peak_live = None
         return False
 
 def _allocations(roots):
-    """(ns, address, signed bytes) of every allocator event below the profiler's event trees."""
-    stack = list(roots)
+    """(ns, address, signed bytes, label) of every allocator event below the profiler's event trees;
+    the label names the outermost and the two innermost ops around the allocation."""
+    stack = [(r, ()) for r in roots]
     while stack:
-        node = stack.pop()
+        node, names = stack.pop()
         fields = node.extra_fields
         if type(fields).__name__ == "_ExtraFields_Allocation":
-            yield node.start_time_ns, fields.ptr, fields.alloc_size
-        stack.extend(node.children)
+            label = " > ".join(dict.fromkeys(names[:1] + names[-2:])) if names else "?"
+            yield node.start_time_ns, fields.ptr, fields.alloc_size, label
+            continue
+        names = names + (node.name[:60],)
+        stack.extend((c, names) for c in node.children)
 
 
 def train_steps(step, parameters, steps: int, lr: float = 1e-3) -> None:

@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     if not pairs or set(pairs) - {"dp", "pp", "fsdp"}:
         parser.error(f"--pairs takes a subset of dp,pp,fsdp, got {args.pairs!r}")
 
-    from fxplan.runtime.launch import run_torchrun
+    from fxplan.runtime.launch import run_torchrun, tagged
 
     print(f"== fxplan runtime bench: {args.model}, global batch {args.batch}, {WORLD} gloo ranks x 1 thread, "
           f"{args.warmup} warm-up + {args.steps} timed steps per contender, interleaved")
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
         proc = run_torchrun(WORKER, WORLD, worker_args, timeout_s=args.timeout,
                             env={"OMP_NUM_THREADS": "1", "FXPLAN_TIMEOUT_S": "120"})
         wall = time.perf_counter() - start
-    results = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    results = tagged(proc.stdout)
     if proc.returncode != 0 or len(results) != len(pairs):
         # Every rank's traceback matters (the first failing rank is rarely the last lines): keep it all.
         log = os.path.join(tempfile.gettempdir(), "fxplan_runtime_bench.log")

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from fxplan.runtime.launch import say
 
 LR = 0.01
 
@@ -348,8 +349,8 @@ def main() -> None:
         theirs = make_anchor(model, batch, plan)
         result = race({"fxplan": ours, anchor_name: theirs}, args.warmup, args.steps)
         if dist.get_rank() == 0:
-            print("RESULT " + json.dumps(dict(pair=pair, anchor=anchor_name, microbatches=plan.microbatches,
-                                               results=result)), flush=True)
+            say("RESULT " + json.dumps(dict(pair=pair, anchor=anchor_name, microbatches=plan.microbatches,
+                                               results=result)))
         del ours, theirs
         gc.collect()
         dist.barrier()

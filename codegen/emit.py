@@ -32,14 +32,17 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
+from fxplan.codegen.batch_stats import needs_sync, sync_batch_norm
 from fxplan.codegen.devices import runtime_device_pass
 from fxplan.codegen.groups import group_key
 from fxplan.codegen.params import MeshSeat, StageParams
 from fxplan.codegen.program import GraphOps, RankProgram
 from fxplan.codegen.recompute import LAYER_META, recompute_pass
-from fxplan.codegen.shapes import (is_size_query, is_split, local_shape, rewrite_shape_args,
+from fxplan.codegen.shapes import (is_size_query, is_split, local_shape, rewrite_conv_groups, rewrite_shape_args,
                                    rewrite_split_args, split_dim)
 from fxplan.codegen.split import split_stages
+from fxplan.codegen.tp_steps import emit_tp_step, local_blocks
+from fxplan.codegen.vocab import vocab_rewrite
 from fxplan.errors import PlanFileError
 from fxplan.passes.ir import R, LayerGraph, Partial, Replicate, Shard, StrategySpace, TPSpec, Traced, frozen_map
 from fxplan.passes.sharding.redistribute import Layout, layout_steps, tensor_steps, transition
@@ -184,18 +187,11 @@ class _Emitter:
     def _key(self, positions, role: str) -> str:
         return group_key([self.devices[p] for p in positions], role)
 
-    def _emit_tp_step(self, step, x: fx.Node, tp_key: str) -> fx.Node:
-        ops, k = self.ops, step.kind
-        keyed = {"f": ops.tp_f, "g": ops.tp_all_reduce, "partial": ops.r_to_p}
-        along_dim = {"gather": ops.all_gather, "gather_rs": ops.all_gather_rs, "slice": ops.slice,
-                     "reduce_scatter": ops.reduce_scatter}
-        if k in keyed:
-            return self._call(keyed[k], x, tp_key)
-        if k in along_dim:
-            return self._call(along_dim[k], x, step.dim, tp_key)
-        if k == "all_to_all":
-            return self._call(ops.all_to_all, x, step.dim, step.dim2, tp_key)
-        raise NotImplementedError(f"tp step {k!r}")
+    def _emit_tp_step(self, step, x: fx.Node, tp_key: str, name: str | None = None, rows: int = 1) -> fx.Node:
+        """rows: the microbatch * dp row blocks tensor `name` is cut into (a blocked shard of a dim
+        that merged the batch holds only its rows' blocks)."""
+        return emit_tp_step(self.graph, self._call, self.ops, step, x, tp_key,
+                            local_blocks(step, self.meta.get(name) if name else None, rows))
 
     def _emit_layout_steps(self, x: fx.Node, src: Layout, dst: Layout, name: str) -> fx.Node:
         meta, rg = self.meta[name], self.rg.get(name, False)
@@ -240,7 +236,7 @@ class _Emitter:
             out = R
         x = self.internal[name]
         for step in transition(pl, out, ctx.tp):
-            x = self._emit_tp_step(step, x, ctx.tp_key)
+            x = self._emit_tp_step(step, x, ctx.tp_key, name, self.mb * ctx.dp)
         self.home[name] = (x, ctx.layout(out))
         return self.home[name]
 
@@ -272,7 +268,7 @@ class _Emitter:
         for i, step in enumerate(chain):
             key = ("chain", name, ctx.index, chain[:i + 1])
             if key not in self.cache:
-                self.cache[key] = self._emit_tp_step(step, x, ctx.tp_key)
+                self.cache[key] = self._emit_tp_step(step, x, ctx.tp_key, name, self.mb * ctx.dp)
             x = self.cache[key]
         return x
 
@@ -299,7 +295,7 @@ class _Emitter:
                 if node.name not in ctx.spec.placements:
                     pl = ctx.spec.input_placements.get(node.name, R)
                 tp_dim = pl.dim if isinstance(pl, Shard) and ctx.tp > 1 else None
-                self.params.add(node.name, node.target, tp_dim, ctx.seat())
+                self.params.add(node.name, node.target, tp_dim, ctx.seat(), tp_blocks=getattr(pl, "blocks", 1))
 
     def _ensure_param(self, name: str) -> None:
         """Emit the gather of `name`'s FSDP unit at its first use (nothing for other tensors)."""
@@ -388,6 +384,9 @@ class _Emitter:
             else:
                 raise PlanFileError(f"{node.name} reads {a.name}, which this stage does not have")
         new = self.graph.node_copy(node, lambda a: env[a])
+        if needs_sync(node, ctx.dp):  # batch statistics over the whole dp group (batch_stats.py)
+            sync_batch_norm(new, node, self.ops.sync_batch_norm, ctx.dp_key)
+            self.keys.add(ctx.dp_key)
         meta = self.meta.get(node.name)
         rows = self.mb * ctx.dp
         if meta is not None:
@@ -395,6 +394,8 @@ class _Emitter:
             rewritten = rewrite_shape_args(new, shape, meta.shape)
             if rewritten is not None:
                 new.args, new.kwargs = rewritten
+        if wanted and (rewritten := rewrite_conv_groups(new, wanted[0], ctx.tp)) is not None:
+            new.args, new.kwargs = rewritten
         if is_split(node):
             src = node.all_input_nodes[0]
             smeta = self.meta.get(src.name)
@@ -406,6 +407,7 @@ class _Emitter:
                 rewritten = rewrite_split_args(new, ratio)
                 if rewritten is not None:
                     new.args, new.kwargs = rewritten
+        new = vocab_rewrite(self.graph, self._call, self.ops, node, new, wanted, ctx.tp, ctx.tp_index, ctx.tp_key) or new
         self.internal[node.name] = new
 
     def _finish(self, out_node: fx.Node, inputs, input_layouts) -> RankProgram:

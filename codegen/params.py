@@ -2,7 +2,9 @@
 the full tensor and put full tensors back together (codegen, materialisation, the runtime's
 gradient sums and full-state gathers all use these).
 
-tp: a Shard(dim) parameter keeps slice tp_index of tp along tp_dim (R: the whole tensor).
+tp: a Shard(dim) parameter keeps slice tp_index of tp along tp_dim (R: the whole tensor); with
+tp_blocks > 1 (a fused weight, e.g. q|k|v rows) the dim is tp_blocks blocks and the rank keeps
+slice tp_index of each block, as Megatron shards a fused qkv weight.
 FSDP: the tp-local tensor is flattened, zero-padded to a multiple of dp, and the rank keeps flat
 block dp_index. The FSDP parameters of one layer (same dp group, same dtype) form a unit named by
 `fsdp_unit`: the graph all-gathers the unit's blocks in ONE collective before the layer's first use
@@ -49,6 +51,7 @@ class ParamShard:
     dtype: str = "torch.float32"
     tp_group: str = ""  # group key of the owning layer's tp group
     fsdp_unit: str = ""  # FSDP: the unit gathered together ("<layer>/<dtype>"); "" without FSDP
+    tp_blocks: int = 1  # tp_dim is this many blocks, each cut over tp (Shard.blocks)
 
     @property
     def padded_numel(self) -> int:
@@ -70,7 +73,7 @@ class MeshSeat:
 
 
 def make_shard(name: str, full: torch.Tensor, tp_dim: int | None, seat: MeshSeat, *, fsdp: bool,
-               requires_grad: bool, is_buffer: bool) -> ParamShard:
+               requires_grad: bool, is_buffer: bool, tp_blocks: int = 1) -> ParamShard:
     """The shard of `full` (a parameter or buffer of seat.layer) this seat holds."""
     local = tp_local_shape(tuple(full.shape), tp_dim, seat.tp)
     block = fsdp_block(math.prod(local), seat.dp) if fsdp else math.prod(local)
@@ -78,7 +81,7 @@ def make_shard(name: str, full: torch.Tensor, tp_dim: int | None, seat: MeshSeat
                       fsdp=fsdp, dp=seat.dp, dp_index=seat.dp_index, dp_group=seat.dp_group, numel_local=block,
                       requires_grad=requires_grad, local_shape=local, stored_shape=(block,) if fsdp else local,
                       is_buffer=is_buffer, dtype=str(full.dtype), tp_group=seat.tp_group,
-                      fsdp_unit=f"{seat.layer}/{full.dtype}" if fsdp else "")
+                      fsdp_unit=f"{seat.layer}/{full.dtype}" if fsdp else "", tp_blocks=tp_blocks)
 
 
 class StageParams:
@@ -101,7 +104,7 @@ class StageParams:
         self.units: dict[str, list[str]] = {}  # unit -> get_attr node names, in graph order
         self.unit_of: dict[str, str] = {}  # get_attr node name -> its unit, until the unit is gathered
 
-    def add(self, node: str, target: str, tp_dim: int | None, seat: MeshSeat) -> None:
+    def add(self, node: str, target: str, tp_dim: int | None, seat: MeshSeat, tp_blocks: int = 1) -> None:
         """Shard get_attr `node` (of `target`) for `seat`, or alias it to the target's first get_attr."""
         if target in self.first_of_target:
             self.alias[node] = self.first_of_target[target]
@@ -115,7 +118,7 @@ class StageParams:
                                                                      full.is_floating_point())
         shard = make_shard(target, full, tp_dim, seat, fsdp=bool(seat.fsdp and seat.dp > 1 and is_param
                                                                  and requires_grad),
-                           requires_grad=requires_grad, is_buffer=not is_param)
+                           requires_grad=requires_grad, is_buffer=not is_param, tp_blocks=tp_blocks)
         if self.source == "meta" or full.device.type == "meta":
             tensor = torch.empty(shard.stored_shape, dtype=full.dtype, device="meta")
         else:
@@ -197,14 +200,18 @@ def shard_tensor(full: torch.Tensor, shard) -> torch.Tensor:
                                  f"{tuple(shard.global_shape)}")
     local = tp_local_shape(t.shape, shard.tp_dim, shard.tp)
     if _tp_parts(shard) > 1:
-        t = t.chunk(shard.tp, dim=shard.tp_dim)[shard.tp_index]
+        d, blocks = shard.tp_dim, getattr(shard, "tp_blocks", 1)
+        if blocks > 1:  # slice tp_index of every block
+            t = t.unflatten(d, (blocks, -1)).chunk(shard.tp, dim=d + 1)[shard.tp_index].flatten(d, d + 1)
+        else:
+            t = t.chunk(shard.tp, dim=d)[shard.tp_index]
     if shard.fsdp:
         flat = t.reshape(-1)
         block = fsdp_block(math.prod(local), shard.dp)
-        pad = block * shard.dp - flat.numel()
-        if pad:
-            flat = torch.cat([flat, flat.new_zeros(pad)])
-        t = flat[shard.dp_index * block:(shard.dp_index + 1) * block]
+        piece = flat[shard.dp_index * block:(shard.dp_index + 1) * block]
+        if piece.numel() < block:  # the last blocks hold the padding: zeros, padded block by block
+            return torch.cat([piece, piece.new_zeros(block - piece.numel())])  # (no full-size copy)
+        t = piece
     return t.clone().contiguous()
 
 
@@ -218,7 +225,12 @@ def unshard(pieces: Mapping[tuple[int, int | None], torch.Tensor], shard) -> tor
             tp_parts.append(flat[:math.prod(local)].view(local))
         else:
             tp_parts.append(pieces[(t, None)])
-    return tp_parts[0] if len(tp_parts) == 1 else torch.cat(tp_parts, dim=shard.tp_dim)
+    if len(tp_parts) == 1:
+        return tp_parts[0]
+    d, blocks = shard.tp_dim, getattr(shard, "tp_blocks", 1)
+    if blocks > 1:
+        return torch.cat([t.unflatten(d, (blocks, -1)) for t in tp_parts], dim=d + 1).flatten(d, d + 1)
+    return torch.cat(tp_parts, dim=d)
 
 
 def unshard_ranks(pieces: Mapping[int, torch.Tensor], shard_of: Mapping[int, ParamShard]) -> torch.Tensor:
@@ -242,3 +254,28 @@ def fetch_attr(root, target: str):
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def stored_runs(shard) -> list[tuple[int, int, int]]:
+    """Where the stored tensor's elements sit in the full tensor, as contiguous runs of the flat
+    tensors: [(full offset, stored offset, length)] in increasing order (FSDP padding is in none).
+    Lets holders with different layouts find the parts they share without building the full tensor."""
+    shape = tuple(shard.global_shape)
+    local = tp_local_shape(shape, shard.tp_dim, shard.tp)
+    if _tp_parts(shard) > 1:
+        d = shard.tp_dim
+        slab = math.prod(local[d:])  # one contiguous run per index of the dims before tp_dim
+        runs = [(o * shape[d] * slab // local[d] + shard.tp_index * slab, o * slab, slab)
+                for o in range(math.prod(shape[:d]))]
+    else:
+        runs = [(0, 0, math.prod(shape))]
+    if not shard.fsdp:
+        return runs
+    block = fsdp_block(math.prod(local), shard.dp)
+    lo, hi = shard.dp_index * block, min((shard.dp_index + 1) * block, math.prod(local))
+    out = []
+    for full, start, n in runs:
+        a, b = max(lo, start), min(hi, start + n)
+        if a < b:
+            out.append((full + a - start, a - lo, b - a))
+    return out

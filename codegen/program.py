@@ -33,6 +33,8 @@ class GraphOps:
     regroup_rows: Callable[[Tensor, int, str, int, int, str], Tensor]  # (x, dim, fwd_key, index, parts, bwd_key)
     dp_grad_fix: Callable[[Tensor, str, float], Tensor]  # (x, key, scale)
     fsdp_gather_layer: Callable[[list, str, tuple, bool], tuple]  # (shards, dp key, tp-local shapes, keep)
+    # (x, weight, bias, running_mean, running_var, momentum, eps, dp key): training batch norm, dp-wide statistics
+    sync_batch_norm: Callable | None = None
 
 
 @dataclass(frozen=True)

@@ -97,6 +97,28 @@ def rewrite_split_args(node: fx.Node, ratio: int):
     return tuple(args), kwargs
 
 
+_CONVS = {"conv1d": 6, "conv2d": 6, "conv3d": 6, "convolution": 8}
+
+
+def rewrite_conv_groups(node: fx.Node, x_placement, tp: int):
+    """A grouped conv whose input arrives channel-split (x S(1)) holds groups / tp whole groups on
+    each rank: the local call's `groups` is divided (None: nothing to do)."""
+    index = _CONVS.get(op_name(node))
+    if index is None or tp == 1 or not (isinstance(x_placement, Shard) and x_placement.dim == 1):
+        return None
+    args, kwargs = list(node.args), dict(node.kwargs)
+    groups = args[index] if len(args) > index else kwargs.get("groups", 1)
+    if not isinstance(groups, int) or groups == 1:
+        return None
+    if groups % tp:
+        raise UnsupportedOpError(f"{node.format_node()}: {groups} groups do not divide by tp={tp}")
+    if len(args) > index:
+        args[index] = groups // tp
+    else:
+        kwargs["groups"] = groups // tp
+    return tuple(args), kwargs
+
+
 def split_dim(node: fx.Node) -> int:
     if "dim" in node.kwargs:
         return node.kwargs["dim"]

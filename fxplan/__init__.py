@@ -44,6 +44,7 @@ def _checkout_path() -> None:
 _checkout_path()
 
 from fxplan.errors import (  # noqa: E402
+    CheckpointError,
     ClusterError,
     ConstraintError,
     DistributedSetupError,
@@ -82,6 +83,6 @@ def __getattr__(name):
 __all__ = [
     "Cluster", "Constraints", "Plan", "Stage", "Strategy", "SolverInfo", "compile", "load_checkpoint",
     "FxplanError", "TraceError", "UnsupportedOpError", "InfeasiblePlanError", "ClusterError",
-    "ConstraintError", "PlanFileError", "DistributedSetupError", "ModelError",
+    "ConstraintError", "PlanFileError", "DistributedSetupError", "ModelError", "CheckpointError",
 ]
 __version__ = "0.1.0"

@@ -101,3 +101,47 @@ def replicated_chunk_spec():
     from torch.distributed.pipelining.microbatch import _Replicate
 
     return _Replicate()
+
+
+def pipeline_schedule_runtime(stages, actions: dict, **kwargs):
+    """torch's pipelining runtime executing the given per-rank compute actions
+    {rank: [(stage, "F" | "I" | "W" | "B", microbatch)]}: `_PipelineScheduleRuntime` loaded with
+    `_prepare_schedule_with_comms`, which adds the sends, receives and gradient reductions."""
+    from torch.distributed.pipelining.schedules import _Action, _ComputationType, _PipelineScheduleRuntime
+
+    runtime = _PipelineScheduleRuntime(stages, **kwargs)
+    runtime._prepare_schedule_with_comms(
+        {rank: [_Action(stage, _ComputationType.from_str(kind), mb) for stage, kind, mb in ops]
+         for rank, ops in actions.items()})
+    return runtime
+
+
+def loaded_compute_actions(schedule, rank: int) -> list[tuple[int, str, int]]:
+    """The compute actions (stage, kind, microbatch) torch's runtime will run on `rank`, in order,
+    read back from its lowered list (sends, receives and gradient reductions left out)."""
+    kinds = {"F", "I", "W", "B"}
+    out = []
+    for action in schedule.pipeline_order_with_comms[rank]:
+        kind = action.computation_type.value
+        if kind in kinds:
+            out.append((action.stage_index, kind, action.microbatch_index))
+    return out
+
+
+def tensor_version(tensor) -> int:
+    """The tensor's in-place version counter (bumped by every in-place op on it)."""
+    return tensor._version
+
+
+def set_group_timeout(timeout, group=None) -> None:
+    """A process group's collective timeout, changed after it was made (the default group's if None)."""
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d._set_pg_timeout(timeout, group)
+
+
+def default_store():
+    """The default process group's key-value store (torchrun's rendezvous store)."""
+    from torch.distributed import distributed_c10d
+
+    return distributed_c10d._get_default_store()

@@ -47,19 +47,24 @@ def build_parser() -> argparse.ArgumentParser:
                       help="pin search fields: pp, dp, tp, fsdp, reshard, schedule, microbatches, recompute (e.g. pp=2,tp=4)")
     plan.add_argument("--planner", default="miqp", choices=["miqp", "grid", "exhaustive"],
                       help="miqp (unified MIQP, default), grid (Megatron-style baseline), exhaustive (brute force)")
-    plan.add_argument("--time-limit", type=float, default=60.0, metavar="S", help="solver budget in seconds")
+    plan.add_argument("--time-limit", type=float, default=60.0, metavar="S",
+                      help="planning budget in seconds, hard: tracing, cost tables and search")
     plan.add_argument("--json", metavar="FILE", help="write Plan.to_json() to FILE")
     plan.add_argument("--png", metavar="FILE", help="draw the plan's stages and strategies to FILE")
-    plan.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     sched = sub.add_parser("schedule", help="simulate a pipeline schedule and report its bubble",
                            description="Simulate a pipeline schedule's per-rank action lists.")
     sched.add_argument("--name", required=True, help=" | ".join(SCHEDULES))
     sched.add_argument("--stages", required=True, type=int)
     sched.add_argument("--microbatches", required=True, type=int)
-    sched.add_argument("--png", metavar="FILE")
-    sched.add_argument("--trace", metavar="FILE", help="write a chrome trace")
-    sched.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    sched.add_argument("--chunks", type=int, default=None, help="model chunks per rank (interleaved-1f1b, zbv)")
+    sched.add_argument("--t-f", type=float, default=1.0, help="forward time of one microbatch on a stage")
+    sched.add_argument("--t-b", type=float, default=1.0, help="input-gradient backward time (B)")
+    sched.add_argument("--t-w", type=float, default=1.0, help="weight-gradient backward time (W)")
+    sched.add_argument("--t-comm", type=float, default=0.0, help="point-to-point latency between stages")
+    sched.add_argument("--memory-limit", type=float, default=None, help="zb-auto: microbatches of activations per stage")
+    sched.add_argument("--png", metavar="FILE", help="draw the timeline to FILE")
+    sched.add_argument("--trace", metavar="FILE", help="write a chrome trace (JSON) to FILE")
 
     demo = sub.add_parser("demo", help="plan a small model for this machine and train it under torchrun",
                           description="Plan a small GPT for this host (4 gloo processes), print the plan and a "
@@ -67,17 +72,46 @@ def build_parser() -> argparse.ArgumentParser:
                                       "with single-device training.")
     demo.add_argument("--nproc", type=int, default=4, help="processes (default 4)")
     demo.add_argument("--steps", type=int, default=3, help="training steps (default 3)")
-    demo.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    cal = sub.add_parser("calibrate", help="measure this host (collectives, matmul curve), print and cache the fit",
+                         description="Measure collectives on the real backend, matmul throughput and "
+                                     "elementwise rate for N local ranks, print the fitted table and cache it "
+                                     "for Cluster.local(world_size=N).")
+    cal.add_argument("--world-size", type=int, default=4, help="ranks (default 4)")
+    cal.add_argument("--cached", action="store_true", help="print the cached table without measuring")
+    for command in sub.choices.values():  # `fxplan COMMAND ... --debug` works too, not only before COMMAND
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
+
+
+def cmd_calibrate(args) -> int:
+    from fxplan.errors import ClusterError
+    from fxplan.runtime.probe import cache_path, cached_calibration, local_calibration
+
+    if args.world_size < 1:
+        raise ClusterError(f"--world-size must be a positive integer, got {args.world_size}")
+    cal = cached_calibration(args.world_size) if args.cached else local_calibration(args.world_size, refresh=True)
+    if cal is None:
+        raise ClusterError(f"no cached calibration for {args.world_size} ranks; run `fxplan calibrate "
+                           f"--world-size {args.world_size}`")
+    print(cal.table())
+    print(f"cached in {cache_path()}")
+    return 0
 
 
 def cmd_plan(args) -> int:
     import fxplan
 
+    from fxplan.cli_checks import check_output_path
+
+    check_output_path(args.json, "--json")  # before any search: a bad path must not cost a whole search
+    check_output_path(args.png, "--png")
     cluster = fxplan.Cluster.parse(args.cluster)
     constraints = fxplan.Constraints.parse(args.pin)
     if args.batch < 1:
         raise fxplan.ConstraintError(f"--batch must be a positive integer, got {args.batch}")
+    if not (args.time_limit > 0 and args.time_limit < float("inf")):
+        raise fxplan.ConstraintError(f"--time-limit must be a positive number of seconds, got {args.time_limit}")
     from fxplan.models import build, example_batch
 
     model = build(args.model, device="meta")
@@ -93,22 +127,39 @@ def cmd_plan(args) -> int:
     if args.png:
         from fxplan.report import draw_plan
 
-        draw_plan(plan, args.png)
-        print(f"wrote {args.png}")
+        if plan.pp > 1:  # the schedule's timeline at the plan's estimated pass times, the stages beside it
+            from fxplan.schedule_draw import draw_plan_schedule
+
+            stem = args.png[:-4] if args.png.lower().endswith(".png") else args.png
+            draw_plan_schedule(plan, args.png)
+            draw_plan(plan, stem + "-stages.png")
+            print(f"wrote {args.png} and {stem}-stages.png")
+        else:
+            draw_plan(plan, args.png)
+            print(f"wrote {args.png}")
     return 0
 
 
 def cmd_schedule(args) -> int:
-    from fxplan.errors import FxplanError
+    from fxplan import schedules
+    from fxplan.cli_checks import check_output_path
 
-    try:
-        from fxplan import schedules  # noqa: F401
-    except ImportError:
-        raise FxplanError("the schedule simulator (fxplan.schedules) is not built yet in this version; "
-                          f"`fxplan plan` already plans {' and '.join(RUNNABLE_SCHEDULES)}") from None
-    r = schedules.simulate(args.name, stages=args.stages, microbatches=args.microbatches)
-    print(f"{args.name}: stages={args.stages} microbatches={args.microbatches} bubble_rate={r.bubble_rate:.4f} "
-          f"iteration_time={r.iteration_time:.3f} peak_activations={list(r.peak_activations)}")
+    check_output_path(args.png, "--png")
+    check_output_path(args.trace, "--trace")
+
+    r = schedules.simulate(args.name, stages=args.stages, microbatches=args.microbatches, t_f=args.t_f, t_b=args.t_b,
+                           t_w=args.t_w, t_comm=args.t_comm, chunks=args.chunks, memory_limit=args.memory_limit)
+    print(r.summary())
+    if args.png:
+        from fxplan.schedule_draw import draw_timeline
+
+        draw_timeline(r, args.png)
+        print(f"wrote {args.png}")
+    if args.trace:
+        from fxplan.schedule_draw import write_chrome_trace
+
+        write_chrome_trace(r, args.trace)
+        print(f"wrote {args.trace}")
     return 0
 
 
@@ -127,7 +178,8 @@ def main(argv=None) -> int:
     from fxplan.errors import FxplanError
 
     try:
-        return {"plan": cmd_plan, "schedule": cmd_schedule, "demo": cmd_demo}[args.command](args)
+        return {"plan": cmd_plan, "schedule": cmd_schedule, "demo": cmd_demo,
+                "calibrate": cmd_calibrate}[args.command](args)
     except FxplanError as exc:
         if args.debug:
             raise
@@ -135,6 +187,13 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # noqa: BLE001 - the command line prints one line; --debug shows the traceback
+        if args.debug:
+            raise
+        from fxplan.cli_checks import one_line
+
+        print(one_line(args.command, exc), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

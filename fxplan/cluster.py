@@ -9,6 +9,7 @@ import os
 import time
 from dataclasses import dataclass
 
+from fxplan.calibration import Calibration
 from fxplan.errors import ClusterError
 
 GiB = 1024**3
@@ -16,18 +17,31 @@ GiB = 1024**3
 # cuBLAS workspaces and allocator fragmentation (a plan at 99 % of the card would not run).
 USABLE_FRACTION = 0.92
 
-# Public figures: dense bf16 peak, HBM, NVLink bus bandwidth per GPU (one direction, what a ring
-# all-reduce sees), one InfiniBand NIC per GPU. Efficiency: fraction of peak at matmul size s is
-# max_efficiency * s / (s + half_efficiency_dim). H100 fitted to measurements on one H100 (bf16, eager,
-# 4 GPT blocks: 386/532/580/598 TFLOP/s at hidden 1024..8192 of a 790 TFLOP/s matmul peak: 418/506/547/584 modelled);
-# A100 uses the same shape with its own peak (no measurement at hand).
+# Public figures: dense bf16 peak, HBM, the bus bandwidth per GPU that a ring all-reduce reaches
+# (nccl-tests' busbw, what `intra_bw` means), one InfiniBand NIC per GPU. Efficiency: fraction of
+# peak at matmul size s is max_efficiency * s / (s + half_efficiency_dim). H100 fitted to
+# measurements on one H100 (bf16, eager, 4 GPT blocks: 386/532/580/598 TFLOP/s at hidden
+# 1024..8192 of a 790 TFLOP/s matmul peak: 418/506/547/584 modelled); A100 uses the same shape with
+# its own peak (no measurement at hand).
+# Links, from public nccl-tests results:
+# - A100 SXM4 NVLink3, 8 GPUs: all_reduce busbw 230-250 GB/s at large sizes (reference table in
+#   https://docs.alayanew.com/en/docs/tech-blog/2026-05-06-nccl-tests); 230 GB/s taken.
+# - H100 SXM5 NVLink4, 8 GPUs: ~370 GB/s busbw with the ring algorithm, ~480 GB/s with NVLink SHARP
+#   (NVLS) for all-reduce (NVIDIA's answer in https://github.com/NVIDIA/nccl-tests/issues/212; ring
+#   365-370 GB/s for 2..8 GPUs in https://github.com/NVIDIA/nccl/issues/1455). 370 GB/s taken: the
+#   ring figure holds for all-gather / reduce-scatter too, which NVLS does not speed up.
+# - Inter-node: one 200 Gb/s HDR NIC per GPU = 25 GB/s (A100 DGX), one 400 Gb/s NDR NIC = 50 GB/s
+#   (H100 DGX), line rate per direction.
+# - Latency per ring step: small all-reduces take ~45-50 us across 2 nodes of 8 GPUs (nccl-tests
+#   output in https://github.com/NVIDIA/nccl/issues/1244: 46-48 us at 4 B..1 KB on 16 H20s); with
+#   2 (r - 1) intra steps and 2 (N - 1) inter steps that is about 2 us intra, 8-10 us inter.
 _PRESETS = {
-    "a100-40g": dict(memory_bytes=40 * GiB * USABLE_FRACTION, peak_flops=312e12, intra_bw=240e9, inter_bw=25e9,
-                     intra_latency=5e-6, inter_latency=10e-6, max_efficiency=0.75, half_efficiency_dim=1800),
-    "a100-80g": dict(memory_bytes=80 * GiB * USABLE_FRACTION, peak_flops=312e12, intra_bw=240e9, inter_bw=25e9,
-                     intra_latency=5e-6, inter_latency=10e-6, max_efficiency=0.75, half_efficiency_dim=1800),
+    "a100-40g": dict(memory_bytes=40 * GiB * USABLE_FRACTION, peak_flops=312e12, intra_bw=230e9, inter_bw=25e9,
+                     intra_latency=2e-6, inter_latency=10e-6, max_efficiency=0.75, half_efficiency_dim=1800),
+    "a100-80g": dict(memory_bytes=80 * GiB * USABLE_FRACTION, peak_flops=312e12, intra_bw=230e9, inter_bw=25e9,
+                     intra_latency=2e-6, inter_latency=10e-6, max_efficiency=0.75, half_efficiency_dim=1800),
     "h100-80g": dict(memory_bytes=80 * GiB * USABLE_FRACTION, peak_flops=989e12, intra_bw=370e9, inter_bw=50e9,
-                     intra_latency=4e-6, inter_latency=8e-6, max_efficiency=0.80, half_efficiency_dim=2700),
+                     intra_latency=2e-6, inter_latency=8e-6, max_efficiency=0.80, half_efficiency_dim=2700),
 }
 
 
@@ -61,6 +75,9 @@ class Cluster:
     """Bytes per element of parameters and activations in the training precision (bf16: 2)."""
     optimizer_bytes_per_param: int = 12
     """Optimizer state plus master weights per parameter (Adam, mixed precision: fp32 m, v, master)."""
+    calibration: Calibration | None = None
+    """What `Cluster.local()` measured (fitted collectives, matmul curve, elementwise rate); when set,
+    the cost model prices with it instead of the figures above (which then only summarise it)."""
 
     def __post_init__(self):
         for field in ("nodes", "devices_per_node"):
@@ -116,7 +133,9 @@ class Cluster:
     def local(cls, world_size: int = 4, *, refresh: bool = False) -> "Cluster":
         """This host as a cluster of `world_size` processes: its GPUs (NCCL) or CPU processes (gloo).
 
-        Throughput and bandwidth are measured once and cached in ~/.cache/fxplan/local.json.
+        Collectives, matmul throughput and elementwise bandwidth are measured on `world_size` ranks
+        (runtime/calibrate.py, a few seconds) and cached per host, backend and world size in
+        ~/.cache/fxplan/local.json; `refresh=True` (or `fxplan calibrate`) measures again.
         """
         from fxplan.runtime.probe import measure_local
 
@@ -134,6 +153,9 @@ class Cluster:
     @classmethod
     def from_dict(cls, data: dict) -> "Cluster":
         try:
+            data = dict(data)
+            if isinstance(data.get("calibration"), dict):
+                data["calibration"] = Calibration.from_dict(data["calibration"])
             return cls(**data)
         except TypeError as exc:
             raise ClusterError(f"bad cluster description: {exc}") from None
@@ -141,7 +163,30 @@ class Cluster:
     def describe(self) -> str:
         return (f"{self.name} {self.nodes}x{self.devices_per_node}: {self.memory_bytes / GiB:.1f} GiB, "
                 f"{_si(self.peak_flops, 'FLOP/s')}, intra {_si(self.intra_bw, 'B/s')}, "
-                f"inter {_si(self.inter_bw, 'B/s')} per device")
+                f"inter {_si(self.inter_bw, 'B/s')} per device"
+                + (f" (calibrated {self.calibration.date}, noise {self.calibration.noise * 100:.0f} %)"
+                   if self.calibration is not None else ""))
+
+
+def _checked_init(init):
+    """Cluster(...) with a missing or misspelled field: a ClusterError naming it, not a TypeError."""
+    def __init__(self, *args, **kwargs):
+        try:
+            init(self, *args, **kwargs)
+        except TypeError as exc:
+            import difflib
+
+            known = [f.name for f in dataclasses.fields(Cluster)]
+            required = [f.name for f in dataclasses.fields(Cluster) if f.default is dataclasses.MISSING]
+            hints = [f"unknown field {k!r}" + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(
+                k, known, 1)) else "") for k in kwargs if k not in known]
+            hints += [f"missing field {k!r}" for k in required if k not in kwargs]
+            raise ClusterError(f"bad Cluster(...): {'; '.join(hints) or exc}; fields are keyword-only: "
+                               f"{', '.join(known)} (or use Cluster.preset(name, nodes=, devices_per_node=))") from None
+    return __init__
+
+
+Cluster.__init__ = _checked_init(Cluster.__init__)
 
 
 def _si(value: float, unit: str) -> str:

@@ -8,10 +8,11 @@ from fxplan.errors import ConstraintError
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h2", "zbv", "zb-auto")
 """Every pipeline schedule name fxplan knows: what Constraints.schedule may name."""
-RUNNABLE_SCHEDULES = ("1f1b", "gpipe")
-"""The schedules this version plans and runs (the cost model's memory model and the runtime both handle
-them), best first: 1F1B holds fewer microbatches' activations than GPipe for the same bubble, so with
-one stage, where the two cost the same, it is the one planned."""
+CHUNKED_SCHEDULES = ("interleaved-1f1b", "zbv")  # more than one model chunk per rank
+RUNNABLE_SCHEDULES = ("1f1b", "zb-h1", "zb-h2", "zb-auto", "gpipe")
+"""The schedules this version plans and runs (the cost model's bubble and memory terms and the runtime
+all handle them), best first: with one stage, where every schedule costs the same, 1F1B is planned
+(fewer activations than GPipe, no split backward)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -27,6 +28,10 @@ class Constraints:
     reshard: bool | None = None
     """FSDP layers free their gathered weights after each forward and re-gather in backward (True),
     or keep them gathered for the whole step (False); layers without FSDP are not affected."""
+    sp: bool | None = None
+    """Megatron sequence parallelism on the tp axis for every layer that has a sequence dim (True), or
+    never (False): norms, dropouts and residuals run on 1/tp of the sequence, all-gather before the
+    column-parallel matmuls and reduce-scatter after the row-parallel ones replace the all-reduces."""
     schedule: str | None = None
     """Pipeline schedule name (see fxplan.schedules)."""
     microbatches: int | None = None
@@ -39,7 +44,7 @@ class Constraints:
             value = getattr(self, field)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConstraintError(f"Constraints.{field} must be a positive integer or None, got {value!r}")
-        for field in ("fsdp", "reshard", "recompute"):
+        for field in ("fsdp", "reshard", "recompute", "sp"):
             value = getattr(self, field)
             if value is not None and not isinstance(value, bool):
                 raise ConstraintError(f"Constraints.{field} must be True, False or None, got {value!r}")
@@ -65,7 +70,7 @@ class Constraints:
             if not sep or key not in cls.__dataclass_fields__:
                 raise ConstraintError(f"bad pin {item!r}: use key=value with key in {', '.join(cls.__dataclass_fields__)}")
             raw = raw.strip()
-            if key in ("fsdp", "reshard", "recompute"):
+            if key in ("fsdp", "reshard", "recompute", "sp"):
                 if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
                     raise ConstraintError(f"bad pin {item!r}: {key} takes true or false")
                 values[key] = raw.lower() in ("true", "1", "yes")
@@ -80,3 +85,26 @@ class Constraints:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _checked_init(init):
+    """Constraints(...) with a misspelled field or positional values: a ConstraintError naming it, not a
+    TypeError."""
+    def __init__(self, *args, **kwargs):
+        try:
+            init(self, *args, **kwargs)
+        except TypeError:
+            import dataclasses
+            import difflib
+
+            known = [f.name for f in dataclasses.fields(Constraints)]
+            hints = [f"unknown field {k!r}" + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(
+                k, known, 1)) else "") for k in kwargs if k not in known]
+            if args:
+                hints.append(f"{len(args)} positional value(s) {args!r:.60}")
+            raise ConstraintError(f"bad Constraints(...): {'; '.join(hints)}; fields are keyword-only: "
+                                  f"{', '.join(known)}, e.g. Constraints(pp=2, tp=4)") from None
+    return __init__
+
+
+Constraints.__init__ = _checked_init(Constraints.__init__)

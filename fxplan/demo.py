@@ -99,4 +99,6 @@ def run_demo(nproc: int = 4, steps: int = 3) -> int:
     print(f"max parameter difference after {steps} steps: {result['max_param_diff']:.2e}")
     ok = worst <= 1e-4 * max(1.0, abs(result["reference"][0])) and result["max_param_diff"] <= 1e-4
     print("result: equal to single-device training" if ok else "result: MISMATCH against single-device training")
+    if result.get("report"):
+        print(f"\n== estimated vs measured step time (this host is shared: measured times vary)\n{result['report']}")
     return 0 if ok else 1

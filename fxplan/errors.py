@@ -35,3 +35,7 @@ class DistributedSetupError(FxplanError):
 
 class ModelError(FxplanError):
     """The model or its example inputs do not fit the contract (forward must return a scalar loss)."""
+
+
+class CheckpointError(FxplanError):
+    """A checkpoint folder is missing, not written by fxplan, or from another model."""

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import collections
 import json
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
 
 from fxplan.errors import PlanFileError
+from fxplan.plan_schema import check_plan_dict, parse_plan_text
 
 PLAN_FORMAT = "fxplan.plan"
 PLAN_VERSION = 1
@@ -75,7 +77,11 @@ class SolverInfo:
     seconds: float = 0.0
     planner: str = "miqp"
     candidates: int = 0  # (pp, microbatches, schedule) candidates considered
-    pruned: int = 0  # candidates skipped by lower bounds
+    pruned: int = 0  # candidates skipped by lower bounds (their own, or a dominating candidate's)
+    solved: int = 0  # candidates whose MILP finished: optimal, or proven not to beat the incumbent
+    cut: int = 0  # candidates the time limit stopped or never reached (their bounds stay in the gap)
+    infeasible: int = 0  # candidates whose every assignment exceeds device memory
+    bound: float = 0.0  # the global lower bound the gap is measured against, seconds (0: none proven)
 
 
 @dataclass(frozen=True)
@@ -91,11 +97,13 @@ class Plan:
     chunks: int = 1  # model chunks per rank (interleaved schedules)
     assumptions: Mapping[str, object] = field(default_factory=dict)  # dtype_bytes, optimizer bytes, cluster
     model: Mapping[str, object] = field(default_factory=dict)  # layer names and parameter count, to validate
+    warnings: tuple[str, ...] = ()  # what the user should know, e.g. ops a strategy leaves replicated, and why
 
     def __post_init__(self):
         object.__setattr__(self, "stages", tuple(self.stages))
         object.__setattr__(self, "assumptions", MappingProxyType(dict(self.assumptions)))
         object.__setattr__(self, "model", MappingProxyType(dict(self.model)))
+        object.__setattr__(self, "warnings", tuple(str(w) for w in self.warnings))
 
     # ------------------------------------------------------------ views
     @property
@@ -114,12 +122,20 @@ class Plan:
                 return stage.index
         raise KeyError(layer)
 
+    def _bubble_text(self) -> str:
+        bubble = self.assumptions.get("schedule_bubble")
+        return f" (bubble {float(bubble):.1%})" if bubble is not None and self.pp > 1 else ""
+
     def summary(self) -> str:
         solver = self.solver
         head = (f"fxplan plan: {self.world_size} devices, global batch {self.batch_size}, pp={self.pp}, "
-                f"microbatches={self.microbatches}, schedule={self.schedule}\n"
+                f"microbatches={self.microbatches}, schedule={self.schedule}{self._bubble_text()}\n"
                 f"estimated iteration {self.estimated_iteration_s * 1e3:.3f} ms  "
                 f"(planner {solver.planner}, {solver.status}, gap {solver.gap:.2%}, {solver.seconds:.2f} s)")
+        if solver.candidates and solver.planner != "grid":
+            head += (f"\ncandidates {solver.candidates} (pp, microbatches, schedule): {solver.solved} solved, "
+                     f"{solver.pruned} pruned by bounds, {solver.cut} cut by the time limit, "
+                     f"{solver.infeasible} out of memory")
         rows = [head, f"{'stage':>5} {'devices':<14} {'memory GiB':>10}  layers: strategy"]
         for stage in self.stages:
             devs = stage.devices
@@ -133,6 +149,7 @@ class Plan:
                     runs.append((name, name, text))
             body = ", ".join(f"{a}{'..' + b if b != a else ''}: {t}" for a, b, t in runs)
             rows.append(f"{stage.index:>5} {dev_text:<14} {stage.estimated_memory_bytes / 2**30:>10.2f}  {body}")
+        rows.extend(f"warning: {w}" for w in self.warnings)
         return "\n".join(rows)
 
     def __str__(self) -> str:
@@ -153,6 +170,7 @@ class Plan:
             "solver": _solver_dict(self.solver),
             "assumptions": dict(self.assumptions),
             "model": dict(self.model),
+            "warnings": list(self.warnings),
             "stages": [
                 {
                     "index": s.index,
@@ -171,11 +189,7 @@ class Plan:
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
-        try:
-            data = json.loads(text)
-        except (TypeError, ValueError) as exc:
-            raise PlanFileError(f"plan is not valid JSON ({exc}); pass the text of Plan.to_json()") from None
-        return cls.from_dict(data)
+        return cls.from_dict(parse_plan_text(text))
 
     @classmethod
     def from_dict(cls, data: dict) -> "Plan":
@@ -184,6 +198,7 @@ class Plan:
         if data.get("version") != PLAN_VERSION:
             raise PlanFileError(f"plan version {data.get('version')!r} is not supported (this fxplan reads "
                                 f"version {PLAN_VERSION}); re-plan with this version")
+        check_plan_dict(data)  # every field by name and type: below, values are what they claim to be
         try:
             stages = tuple(
                 Stage(
@@ -202,7 +217,7 @@ class Plan:
                 stages=stages, estimated_iteration_s=float(data["estimated_iteration_s"]), solver=solver,
                 batch_size=int(data.get("batch_size", 0)), world_size=int(data.get("world_size", 0)),
                 chunks=int(data.get("chunks", 1)), assumptions=data.get("assumptions", {}),
-                model=data.get("model", {}),
+                model=data.get("model", {}), warnings=tuple(data.get("warnings", ())),
             )
         except PlanFileError:
             raise
@@ -228,14 +243,27 @@ class Plan:
             n = len(stage.devices)
             for name, strat in stage.strategies.items():
                 if strat.dp * strat.tp != n:
-                    raise PlanFileError(f"layer {name}: dp*tp = {strat.dp}*{strat.tp} but its stage has {n} devices")
+                    raise PlanFileError(f"layer {name}: dp*tp = {strat.dp}*{strat.tp} but its stage has {n} devices; "
+                                        f"set dp and tp so that dp*tp = {n}")
                 if strat.fsdp and strat.dp == 1:
-                    raise PlanFileError(f"layer {name}: fsdp needs dp > 1")
+                    raise PlanFileError(f"layer {name}: fsdp needs dp > 1 (it shards over the dp axis); set fsdp false "
+                                        f"or dp > 1")
             seen.extend(stage.devices)
         if len({len(s.devices) for s in self.stages}) != 1:
-            raise PlanFileError("every stage must have the same number of devices")
-        if self.world_size and sorted(seen) != list(range(self.world_size)):
-            raise PlanFileError(f"stages must cover devices 0..{self.world_size - 1} exactly once")
+            raise PlanFileError(f"every stage must have the same number of devices, got "
+                                f"{[len(s.devices) for s in self.stages]}; give each stage world_size/pp ranks")
+        world = self.world_size or len(seen)
+        if self.world_size and len(seen) != self.world_size:
+            raise PlanFileError(f"plan says world_size={self.world_size} but its stages list {len(seen)} devices; "
+                                f"every rank 0..{self.world_size - 1} belongs to exactly one stage")
+        overlap = sorted(d for d, n in collections.Counter(seen).items() if n > 1)  # linear: worlds can be large
+        if overlap:
+            raise PlanFileError(f"devices {overlap[:8]} appear in more than one stage; every rank belongs to "
+                                f"exactly one stage")
+        skipped = sorted(set(range(world)) - set(seen))
+        if skipped:
+            raise PlanFileError(f"stages skip devices {skipped[:8]} (and list {sorted(set(seen) - set(range(world)))[:8]} "
+                                f"instead); stages must cover ranks 0..{world - 1} exactly once")
 
 
 def _solver_dict(solver: SolverInfo) -> dict:

@@ -7,6 +7,7 @@ and the model, so every message about a pin that cannot hold comes from this fil
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 from fxplan.cluster import Cluster
@@ -17,13 +18,21 @@ from fxplan.passes.solve.problem import Candidate
 
 
 def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    """Every divisor of n, ascending, in O(sqrt n) (a global batch of 10^9 has 100 divisors)."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return small + [n // d for d in reversed(small) if d * d != n]
+
+
+DOMINATED = {"gpipe": "1f1b", "zb-h2": "zb-auto"}
+"""schedule -> one never worse: GPipe takes 1F1B's time with more activations; zb-auto (planned at
+zb-h2's memory of 2p-1 microbatches) has zb-h2's list among the ones it picks the fastest of. The
+search checks each claim on the candidates' arrays before it prunes by it (search._dominates)."""
 
 
 def enough_microbatches(schedule: str, pp: int, microbatches: int) -> bool:
-    """1F1B needs a microbatch per stage in flight (torch's Schedule1F1B refuses fewer); with fewer it
-    degenerates into GPipe anyway."""
-    return not (schedule == "1f1b" and microbatches < pp)
+    """1F1B and the zero-bubble schedules want a microbatch per stage in flight; with fewer they
+    degenerate into GPipe (with or without a split backward) anyway."""
+    return not (schedule != "gpipe" and microbatches < pp)
 
 
 def _fits_no_stage(name: str, value: int, stage_sizes) -> str | None:
@@ -56,47 +65,68 @@ def tensor_degrees(cluster: Cluster, pps: list[int], constraints: Constraints) -
 
 
 def check_batch_coupling(layer_graph: LayerGraph, constraints: Constraints) -> None:
-    """Layers whose ops mix samples (training BatchNorm) only train as on one device when they see the
-    whole batch: refuse pins that would split it, naming the layer and the op."""
+    """Layers whose ops mix samples (training BatchNorm) only train as on one device when each step's
+    statistics come from its whole batch: dp synchronises them across ranks (codegen/batch_stats.py),
+    microbatches cannot (each microbatch's forward normalises before the next one exists), so a pin
+    of several microbatches is refused, naming the layer and the op."""
     coupled = [layer for layer in layer_graph.layers if layer.batch_coupled]
-    if not coupled:
-        return
-    bad = [f"{name}={value}" for name, value in (("dp", constraints.dp), ("microbatches", constraints.microbatches))
-           if value not in (None, 1)]
-    if bad:
+    if coupled and constraints.microbatches not in (None, 1):
         layer = coupled[0]
         raise ConstraintError(
             f"layer {layer.name} uses {layer.batch_coupled}, whose statistics come from the whole batch, so "
-            f"{' and '.join(bad)} would change training; pin dp=1 and microbatches=1 (tp/pp still apply), "
-            f"or use a per-sample norm (LayerNorm, GroupNorm) or eval-mode batch norm")
+            f"microbatches={constraints.microbatches} would change training (each microbatch would be "
+            f"normalised alone); pin microbatches=1 (dp, tp and pp still apply: dp synchronises the "
+            f"statistics), or use a per-sample norm (LayerNorm, GroupNorm) or eval-mode batch norm")
 
 
 def candidates(cluster: Cluster, batch: int, num_layers: int, constraints: Constraints,
                batch_coupled: bool = False) -> list[Candidate]:
-    """UniAP's outer loop: (pp, microbatches, schedule) triples worth solving."""
+    """UniAP's outer loop: every (pp, microbatches, schedule) triple the pins allow. Microbatch counts
+    are every divisor of the batch (the cost model drops those no dp degree splits); only the search's
+    lower bounds and dominance prune them."""
     if batch_coupled:  # one microbatch only (see check_batch_coupling)
         constraints = replace(constraints, microbatches=1)
     if constraints.schedule not in (None,) + RUNNABLE_SCHEDULES:
         raise ConstraintError(f"schedule {constraints.schedule!r} is not supported by this version yet; "
                               f"pin one of {', '.join(RUNNABLE_SCHEDULES)}")
     searched = [constraints.schedule] if constraints.schedule else list(RUNNABLE_SCHEDULES)
+    counts = [constraints.microbatches] if constraints.microbatches is not None else divisors(batch)
     out = []
     for pp in pipeline_degrees(cluster, num_layers, constraints):
-        if constraints.microbatches is not None:
-            counts = [constraints.microbatches]
-        else:
-            counts = sorted({c for c in divisors(batch) if c >= pp and (c & (c - 1) == 0 or c % pp == 0)})
-            counts = [c for c in counts if c <= max(4 * pp, 8)] or [c for c in divisors(batch) if c >= pp][:1]
         # one stage has no bubble: every runnable schedule takes the same time there, and the first
         # (best) one holds the fewest activations
         schedules = searched if pp > 1 else searched[:1]
-        out += [(pp, c, schedule) for c in counts if batch % c == 0
-                for schedule in schedules if enough_microbatches(schedule, pp, c)]
+        for c in counts:
+            if batch % c:
+                continue
+            out += [(pp, c, s) for s in schedules if enough_microbatches(s, pp, c)]
+    if not out and (problem := _too_few_for_1f1b(cluster, num_layers, constraints)):
+        raise ConstraintError(problem)
     if not out:
         raise ConstraintError(
             f"no (pp, microbatches) fits a global batch of {batch} on {cluster.world_size} devices under "
             f"{constraints}; use a batch divisible by the microbatch count (and dp)")
     return out
+
+
+def dominated_by(cands: list[Candidate]) -> dict[Candidate, Candidate]:
+    """candidate -> the candidate of the same (pp, microbatches) whose schedule DOMINATED names."""
+    present = set(cands)
+    return {(pp, c, s): (pp, c, DOMINATED[s]) for pp, c, s in cands
+            if s in DOMINATED and (pp, c, DOMINATED[s]) in present}
+
+
+def _too_few_for_1f1b(cluster: Cluster, num_layers: int, constraints: Constraints) -> str | None:
+    """The message when pinned 1f1b has fewer microbatches than every allowed pipeline depth."""
+    m = constraints.microbatches
+    if constraints.schedule != "1f1b" or m is None:
+        return None
+    degrees = [pp for pp in pipeline_degrees(cluster, num_layers, constraints) if pp > 1]
+    if not degrees or any(enough_microbatches("1f1b", pp, m) for pp in degrees):
+        return None
+    pp = min(degrees)
+    return (f"schedule 1f1b needs at least one microbatch per stage: pp={pp} needs microbatches >= {pp}, "
+            f"but microbatches={m} is pinned; pin microbatches>={pp} or schedule='gpipe'")
 
 
 def why_no_candidate(cluster: Cluster, batch: int, num_layers: int, constraints: Constraints) -> str:
@@ -116,3 +146,22 @@ def why_no_candidate(cluster: Cluster, batch: int, num_layers: int, constraints:
                 f"use a batch divisible by it")
     return (f"no (pp, microbatches, strategy) fits a global batch of {batch} on {n} devices under {constraints}; "
             f"use a batch divisible by microbatches x dp, or relax the pins")
+
+
+def check_plan_meets_pins(plan, constraints: Constraints) -> None:
+    """compile(plan=, constraints=): a given plan is used as is, so a pin it breaks is named here (and
+    not later as a strategy the pins left out of the model's space)."""
+    if constraints == Constraints():
+        return
+    found = [("pp", plan.pp), ("microbatches", plan.microbatches), ("schedule", plan.schedule)]
+    for stage in plan.stages:
+        for layer, s in stage.strategies.items():
+            found += [(name, getattr(s, name), layer) for name in ("dp", "tp", "fsdp", "recompute")]
+            if s.fsdp:
+                found.append(("reshard", s.reshard, layer))
+    for name, value, *layer in found:
+        if not constraints.allows(**{name: value}):
+            where = f"layer {layer[0]} has" if layer else "has"
+            raise ConstraintError(f"the plan given as plan= {where} {name}={value!r} but constraints pin "
+                                  f"{name}={getattr(constraints, name)!r}; a given plan is used as is: drop the "
+                                  f"pin, or edit the plan (or re-plan without plan=)")

@@ -19,9 +19,15 @@ def check_heads(hidden: int, heads: int, preset: str) -> None:
           f"{preset}: hidden={hidden} is not divisible by heads={heads}; pick heads dividing hidden")
 
 
+MAX_LAYERS = 2048  # planning traces every layer: 1,000 layers take minutes, a million would take days
+
+
 def check_positive(preset: str, **values: int) -> None:
     for key, value in values.items():
         check(value > 0, f"{preset}: {key} must be positive, got {value}")
+    layers = values.get("layers", 0)
+    check(layers <= MAX_LAYERS, f"{preset}: layers={layers:,} is more than the {MAX_LAYERS:,} fxplan plans (every "
+                                f"layer is traced and costed, which would take hours); use layers <= {MAX_LAYERS:,}")
 
 
 class Preset(nn.Module):

@@ -1,9 +1,10 @@
 """Group the traced graph into layers: contiguous node ranges, the units of stage placement and strategy.
 
-Default grouping: one layer per repeated block, i.e. per child of the module list whose children
-share one module type and cover the most nodes (found through node.meta["nn_module_stack"], which
-both the fx and the export path record), plus "embed" (nodes before the first block) and "head"
-(nodes after the last). Without such a list the graph is cut where exactly one batch-carrying
+Default grouping: one layer per repeated block, i.e. per child of every stack of blocks (a module
+list whose children share one module type: encoder and decoder stacks, CNN stages; found through
+node.meta["nn_module_stack"], which both the fx and the export path record), plus "embed" (nodes
+before the first stack), "between.k" and "head" (nodes after the last), each cut at cut points
+into pieces no heavier than the heaviest block. Without such a list the graph is cut where exactly one batch-carrying
 activation is live (and no Python value crosses), one cut before each matmul-like op where possible.
 `granularity=n` merges adjacent layers (balancing FLOPs) or splits them at those cut points.
 
@@ -20,8 +21,9 @@ from collections import defaultdict
 import torch
 import torch.fx as fx
 
-from fxplan.passes.cost.flops import ATTENTION, CONV, MATMUL, node_flops, node_saved
-from fxplan.passes.ir import Layer, LayerEdge, LayerGraph, Traced, frozen_map, out_of_place_name
+from fxplan.passes.cost.flops import ATTENTION, CONV, MATMUL, counts_as_op, is_dense, node_flops, node_saved
+from fxplan.passes.ir import (Layer, LayerEdge, LayerGraph, Traced, batch_coupling_op, batch_stat_channels, frozen_map,
+                              out_of_place_name)
 
 _INDEX_PATH = re.compile(r"^(.*)\.(\d+)$")
 
@@ -35,17 +37,19 @@ def coarsen(traced: Traced, granularity: int | None = None) -> LayerGraph:
     pos = {n: i for i, n in enumerate(body)}
     flops = [node_flops(n) for n in body]
     ranges, names = _block_ranges(body)
-    cuts = None
+    cuts = _cut_points(body, pos)
     if ranges is None:
-        cuts = _cut_points(body, pos)
         ranges, names = _fallback_ranges(body, cuts)
+    else:
+        blocks = {i for i, n in enumerate(names) if _INDEX_PATH.match(n)}
+        ranges, names = _split_heavy(ranges, names, _weights(body, flops), cuts, blocks)
     if granularity is not None and granularity != len(ranges):
         weights = _weights(body, flops)
         if granularity < len(ranges):
             ranges, names = _merge(ranges, names, weights, granularity)
         else:
             ranges, names = _subdivide(ranges, names, weights, granularity,
-                                       cuts if cuts is not None else _cut_points(body, pos))
+                                       cuts)
     return _build(traced, body, flops, ranges, _unique(names))
 
 
@@ -72,8 +76,15 @@ def _stack_paths(node: fx.Node) -> list[tuple[str, str]]:
     return out
 
 
+# A module list counts as a stack of repeated blocks when it covers at least this share of the nodes.
+_MIN_STACK_SHARE = 0.05
+
+
 def _block_ranges(body: list[fx.Node]):
-    """Ranges [start, end) over `body` for embed, each child of the chosen module list, head."""
+    """Ranges [start, end) over `body`: one per child of every stack of repeated blocks (encoder and
+    decoder stacks, CNN stages), and the nodes before, between and after the stacks ("embed",
+    "between", "head"). Stacks are the module lists whose children share one type, taken by node
+    coverage, skipping any that overlaps (contains or sits inside) one already taken."""
     first: dict[str, dict[int, int]] = defaultdict(dict)  # container -> child index -> first position
     types: dict[str, set[str]] = defaultdict(set)
     covered: dict[str, int] = defaultdict(int)
@@ -90,31 +101,57 @@ def _block_ranges(body: list[fx.Node]):
             types[container].add(mtype)
             covered[container] += 1
             last[container] = i
-    best = None
-    for container, children in first.items():
-        if len(children) < 2 or len(types[container]) != 1:
-            continue
-        score = (covered[container], -container.count("."))
-        if best is None or score > best[0]:
-            best = (score, container)
-    if best is None:
+    stacks = [c for c, children in first.items() if len(children) >= 2 and len(types[c]) == 1]
+    if not stacks:
         return None, None
-    container = best[1]
-    children = sorted(first[container].items(), key=lambda kv: kv[1])
-    starts = [p for _, p in children]
-    end = last[container] + 1
-    ranges, names = [], []
-    if starts[0] > 0:
-        ranges.append((0, starts[0]))
-        names.append("embed")
-    for j, (index, start) in enumerate(children):
-        stop = starts[j + 1] if j + 1 < len(children) else end
-        ranges.append((start, stop))
-        names.append(f"{container}.{index}" if container else str(index))
-    if end < len(body):
-        ranges.append((end, len(body)))
+    best = max(covered[c] for c in stacks)
+    stacks.sort(key=lambda c: (-covered[c], c.count(".")))
+    chosen: list[tuple[int, int, str]] = []  # (first position, end, container)
+    for c in stacks:
+        a, b = min(first[c].values()), last[c] + 1
+        if c != stacks[0] and covered[c] < max(_MIN_STACK_SHARE * len(body), 0.25 * best):
+            continue
+        if all(b <= a2 or a >= b2 for a2, b2, _ in chosen):
+            chosen.append((a, b, c))
+    chosen.sort()
+    ranges, names, cursor = [], [], 0
+    for k, (a, end, container) in enumerate(chosen):
+        if a > cursor:
+            ranges.append((cursor, a))
+            names.append("embed" if k == 0 else f"between.{k}")
+        children = sorted(first[container].items(), key=lambda kv: kv[1])
+        starts = [p for _, p in children]
+        for j, (index, start) in enumerate(children):
+            stop = starts[j + 1] if j + 1 < len(children) else end
+            ranges.append((start, stop))
+            names.append(f"{container}.{index}" if container else str(index))
+        cursor = end
+    if cursor < len(body):
+        ranges.append((cursor, len(body)))
         names.append("head")
     return ranges, names
+
+
+def _split_heavy(ranges, names, weights, cuts, blocks: set[int]):
+    """Cut every non-block range heavier than the heaviest block at its most balanced cut points until
+    each piece is at most that heavy (or no cut point is left inside it)."""
+    w = lambda a, b: sum(weights[a:b])  # noqa: E731
+    bound = max((w(*ranges[i]) for i in blocks), default=0.0)
+    out_r, out_n = [], []
+    for i, ((a, b), name) in enumerate(zip(ranges, names)):
+        pieces = [(a, b)]
+        if i not in blocks:
+            while True:
+                k = max(range(len(pieces)), key=lambda j: w(*pieces[j]))
+                pa, pb = pieces[k]
+                inner = [c for c in cuts if pa < c < pb]
+                if w(pa, pb) <= bound or not inner:
+                    break
+                c = min(inner, key=lambda c: abs(w(pa, c) - w(pa, pb) / 2))
+                pieces[k:k + 1] = [(pa, c), (c, pb)]
+        out_r += pieces
+        out_n += [name] if len(pieces) == 1 else [f"{name}/{j}" for j in range(len(pieces))]
+    return out_r, out_n
 
 
 # ---------------------------------------------------------------- cut points
@@ -331,6 +368,11 @@ def _build(traced: Traced, body, flops, ranges, names) -> LayerGraph:
             inputs=tuple(a.name for a in inputs), outputs=tuple(outputs),
             signature=_signature(nodes, inside),
             batch_coupled=next((name for name in map(batch_coupling_op, nodes) if name), ""),
+            # per step: one float64 all-reduce of (sum, sum of squares) per channel forward, one of
+            # (sum dy, sum dy * xhat) backward, when dp synchronises the statistics
+            batch_stat_bytes=tuple(16.0 * c for c in (batch_stat_channels(n, traced.tensors) for n in nodes) if c),
+            dense_flops=float(sum(node_flops_map.get(n, 0.0) for n in nodes if is_dense(n))),
+            ops=sum(1 for n in nodes if counts_as_op(n)),
         ))
     edges = tuple(LayerEdge(src=s, dst=d, tensors=tuple(t)) for (s, d), t in sorted(edge_map.items()))
     shared = {t: tuple(sorted(ls)) for t, ls in users_of_target.items() if len(ls) > 1}
@@ -338,26 +380,6 @@ def _build(traced: Traced, body, flops, ranges, names) -> LayerGraph:
         layers=tuple(layers), edges=edges, tensors=traced.tensors, batch_size=traced.batch_size,
         placeholders=traced.placeholders, loss_node=traced.loss_node, shared_params=frozen_map(shared),
     )
-
-
-_BATCH_NORMS = {"batch_norm", "native_batch_norm", "_native_batch_norm_legit",
-                "_native_batch_norm_legit_functional", "cudnn_batch_norm", "miopen_batch_norm"}
-_TRAINING_ARG = 5  # position of `training` in F.batch_norm and the aten batch norms alike
-
-
-def batch_coupling_op(node: fx.Node) -> str:
-    """The op's name when it mixes samples across the batch (BatchNorm in training mode), else "".
-
-    Its statistics come from the whole batch, so splitting the batch over dp ranks or microbatches
-    would change the result; an eval-mode batch norm (training=False) is per-sample and fine.
-    """
-    if node.op not in ("call_function", "call_method"):
-        return ""
-    name = out_of_place_name(node)
-    if name not in _BATCH_NORMS:
-        return ""
-    training = node.kwargs.get("training", node.args[_TRAINING_ARG] if len(node.args) > _TRAINING_ARG else True)
-    return "" if training is False else name
 
 
 def _nbytes(traced: Traced, node: fx.Node) -> float:

@@ -11,7 +11,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from fxplan.errors import TraceError
+from fxplan.errors import TraceError, UnsupportedOpError
 from fxplan._torch import OpOverload, clear_forward_pre_hooks, use_plain_codegen
 
 
@@ -27,6 +27,7 @@ def export_graph(model, inputs) -> fx.GraphModule:
     ep = torch.export.export(model, ex_inputs, strict=False, dynamic_shapes=dynamic)
     gm = ep.module()
     _clean_export(gm)
+    inline_lifted_constants(gm, tuple(ep.graph_signature.lifted_tensor_constants))
     return gm
 
 
@@ -102,3 +103,108 @@ def _inline_context_hops(gm: fx.GraphModule) -> None:
         if not sub_node.users:
             graph.erase_node(sub_node)
             delattr(gm, str(sub_node.target))
+
+
+# ---------------------------------------------------------------- lifted constants
+
+# A constant up to this size is written into the graph as a literal; larger ones must be buffers.
+MAX_LITERAL_NUMEL = 4096
+# Ops whose result is a new tensor no one else sees: an in-place op on it with no users is dead.
+_FRESH = {"lift_fresh_copy", "clone", "full", "empty", "zeros", "ones", "tensor", "_to_copy", "detach_"}
+
+
+def inline_lifted_constants(gm: fx.GraphModule, names: tuple[str, ...]) -> None:
+    """Export lifts tensors that forward creates from Python values (`torch.tensor(start_id)`, the KV
+    cache's empty tensors) into attributes `lifted_tensor_N` of the exported module. They are not model
+    state: each becomes a factory node that rebuilds its value (`full` when every element is equal,
+    else a literal `torch.tensor`), so the model's state_dict keys stay exactly the model's and the
+    value is replicated with its consumers like any other factory. Chains left without users (a
+    `lift_fresh_copy -> detach_` nobody reads) are removed."""
+    graph = gm.graph
+    lifted = set(names)
+    for node in list(graph.nodes):
+        if node.op != "get_attr" or str(node.target) not in lifted:
+            continue
+        value = _fetch(gm, str(node.target))
+        with graph.inserting_before(node):
+            factory = _factory_node(graph, value, node)
+        for user in list(node.users):
+            if user.target is torch.ops.aten.lift_fresh_copy.default:
+                user.replace_all_uses_with(factory)
+                graph.erase_node(user)
+        node.replace_all_uses_with(factory)
+        graph.erase_node(node)
+        _forget(gm, str(node.target))
+    drop_legacy_empty_cat_inputs(graph)
+    remove_dead_fresh_chains(graph)
+    gm.recompile()
+
+
+def drop_legacy_empty_cat_inputs(graph: fx.Graph) -> None:
+    """torch.cat skips 1-D empty tensors beside tensors of more dims (the legacy rule a KV cache
+    relies on when it starts from `torch.tensor([])`): drop them from the cat, so that the graph says
+    what the op computes and no placement rule is asked to shard a (0,) tensor along a head dim."""
+    for node in graph.nodes:
+        if node.target is not torch.ops.aten.cat.default or not isinstance(node.args[0], (list, tuple)):
+            continue
+        parts = list(node.args[0])
+        vals = [p.meta.get("val") if isinstance(p, fx.Node) else None for p in parts]
+        if not any(isinstance(v, torch.Tensor) and v.dim() > 1 for v in vals):
+            continue
+        out = node.meta.get("val")
+        kept = [p for p, v in zip(parts, vals) if not (isinstance(v, torch.Tensor) and v.dim() == 1
+                                                      and v.numel() == 0 and (out is None or v.dtype == out.dtype))]
+        if kept and len(kept) < len(parts):
+            node.args = (kept,) + tuple(node.args[1:])
+
+
+def remove_dead_fresh_chains(graph: fx.Graph) -> None:
+    """Erase nodes without users that compute a fresh value or mutate only a fresh value."""
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(list(graph.nodes)):
+            if node.op != "call_function" or node.users or not isinstance(node.target, OpOverload):
+                continue
+            name = node.target.overloadpacket.__name__
+            inplace = name.endswith("_")
+            if (name in _FRESH and not inplace) or (inplace and node.args and isinstance(node.args[0], fx.Node)
+                                  and _fresh(node.args[0]) and len(node.args[0].users) == 1):
+                graph.erase_node(node)
+                changed = True
+
+
+def _fresh(node: fx.Node) -> bool:
+    return isinstance(node.target, OpOverload) and node.target.overloadpacket.__name__ in _FRESH
+
+
+def _factory_node(graph: fx.Graph, value: torch.Tensor, where: fx.Node) -> fx.Node:
+    value = value.detach()
+    cpu = torch.device("cpu")
+    flat = value.reshape(-1)
+    if flat.numel() == 0 or bool((flat == flat[0]).all()):
+        fill = flat[0].item() if flat.numel() else 0
+        return graph.call_function(torch.ops.aten.full.default, (list(value.shape), fill),
+                                   {"dtype": value.dtype, "device": cpu})
+    if flat.numel() > MAX_LITERAL_NUMEL:
+        raise UnsupportedOpError(
+            f"forward creates a constant tensor of shape {tuple(value.shape)} from Python values "
+            f"({where.name}); constants above {MAX_LITERAL_NUMEL} elements must be model state: register it "
+            f"with self.register_buffer(name, tensor, persistent=False) in __init__")
+    return graph.call_function(torch.tensor, (value.tolist(),), {"dtype": value.dtype, "device": cpu})
+
+
+def _fetch(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _forget(gm: fx.GraphModule, target: str) -> None:
+    *path, leaf = target.split(".")
+    owner = gm
+    for part in path:
+        owner = getattr(owner, part)
+    if hasattr(owner, leaf):
+        delattr(owner, leaf)

@@ -31,12 +31,17 @@ class Replicate:
 
 @dataclass(frozen=True, slots=True)
 class Shard:
-    """Devices of the axis hold equal slices along tensor dimension `dim` (non-negative)."""
+    """Devices of the axis hold equal slices along tensor dimension `dim` (non-negative).
+
+    blocks > 1: `dim` is `blocks` equal blocks laid end to end, and a device holds its slice of
+    every block (what merging a sharded head dim into the batch, [B, H/tp] -> [B*H/tp], leaves).
+    """
 
     dim: int
+    blocks: int = 1
 
     def __str__(self) -> str:
-        return f"S({self.dim})"
+        return f"S({self.dim})" if self.blocks == 1 else f"S({self.dim}/{self.blocks})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +100,61 @@ def out_of_place_name(node: fx.Node) -> str:
     return name
 
 
+BATCH_NORMS = frozenset({"batch_norm", "native_batch_norm", "_native_batch_norm_legit",
+                         "_native_batch_norm_legit_functional", "cudnn_batch_norm", "miopen_batch_norm"})
+_TRAINING_ARG = 5  # position of `training` in F.batch_norm and the aten batch norms alike
+
+
+def batch_coupling_op(node: fx.Node) -> str:
+    """The op's name when it mixes samples across the batch (BatchNorm in training mode), else "".
+
+    Its statistics come from the whole batch, so splitting the batch over dp ranks or microbatches
+    changes the result unless they are synchronised; an eval-mode batch norm (training=False) is
+    per-sample and fine.
+    """
+    if node.op not in ("call_function", "call_method"):
+        return ""
+    name = out_of_place_name(node)
+    if name not in BATCH_NORMS:
+        return ""
+    training = node.kwargs.get("training", node.args[_TRAINING_ARG] if len(node.args) > _TRAINING_ARG else True)
+    return "" if training is False else name
+
+
+def batch_stat_channels(node: fx.Node, tensors) -> int:
+    """Channels (dim 1 of the input) of a training batch norm, else 0."""
+    if not batch_coupling_op(node) or not node.args or not isinstance(node.args[0], fx.Node):
+        return 0
+    meta = tensors.get(node.args[0].name)
+    return int(meta.shape[1]) if meta is not None and len(meta.shape) > 1 else 0
+
+
+# The arguments of a cross-entropy node on both trace paths: the vocab-parallel loss's rule
+# (passes/sharding/rules_vocab.py) and its codegen (codegen/vocab.py) read them alike.
+_CE_F_NAMES = ("input", "target", "weight", "size_average", "ignore_index", "reduce", "reduction", "label_smoothing")
+_CE_ATEN_NAMES = ("input", "target", "weight", "reduction", "ignore_index", "label_smoothing")
+_CE_REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}
+
+
+def cross_entropy_args(node: fx.Node) -> dict | None:
+    """{logits, labels, reduction ('none'|'mean'|'sum'), ignore_index} of a plain cross-entropy
+    (F.cross_entropy or aten.cross_entropy_loss), None when it has weights, smoothing or legacy flags."""
+    aten = op_name(node) == "cross_entropy_loss"
+    names = _CE_ATEN_NAMES if aten else _CE_F_NAMES
+    vals = dict(zip(names, node.args))
+    vals.update({k: v for k, v in node.kwargs.items() if k in names})
+    if vals.get("weight") is not None or vals.get("label_smoothing", 0.0) not in (0, 0.0):
+        return None
+    if vals.get("size_average") is not None or vals.get("reduce") is not None:
+        return None
+    reduction = vals.get("reduction", 1 if aten else "mean")
+    reduction = _CE_REDUCTIONS.get(reduction) if aten else reduction
+    if reduction not in ("none", "mean", "sum") or not isinstance(vals.get("input"), fx.Node):
+        return None
+    return {"logits": vals["input"], "labels": vals.get("target"), "reduction": reduction,
+            "ignore_index": vals.get("ignore_index", -100)}
+
+
 # ---------------------------------------------------------------- tensors and layers
 
 
@@ -144,8 +204,12 @@ class Layer:
     outputs: tuple[str, ...]  # tensors produced here and used by later layers or returned
     signature: str = ""  # equal for structurally identical layers (same ops, shapes); used to merge runs
     batch_coupled: str = ""  # an op here mixes samples of the batch (training BatchNorm): its name, else ""
-    # Such a layer only equals one-device training when it sees the whole batch at once: dp = 1 and
-    # one microbatch.
+    # Such a layer equals one-device training when it sees the whole batch of a step at once: one
+    # microbatch; dp > 1 synchronises its statistics over the dp group (codegen/batch_stats.py).
+    dense_flops: float = 0.0  # of `flops`, the matmul / convolution / attention part (the rest is elementwise)
+    ops: int = 0  # compute ops (calls) in the layer's forward: each costs a dispatch overhead
+    # per training batch norm: the bytes of its synchronised statistics' all-reduce (forward; backward alike)
+    batch_stat_bytes: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,7 @@ from torch import nn
 from fxplan.errors import ModelError, TraceError
 from fxplan.passes.export_clean import export_graph
 from fxplan.passes.ir import TensorMeta, Traced, frozen_map
+from fxplan.passes.loss_ratio import split_ratio_loss
 from fxplan.passes.meta_prop import first_lines, propagate
 
 # Modules whose forward branches on tensor properties (MultiheadAttention's shape checks, RNNs'
@@ -223,6 +224,13 @@ def _user_frame(exc: BaseException) -> str:
 
 
 def _finish(gm: fx.GraphModule, method: str, inputs) -> Traced:
+    """The finished Traced, its ratio loss (mean over valid tokens, weighted mean) split into numerator
+    and denominator (passes/loss_ratio.py) so that every batch split keeps one device's loss."""
+    return split_ratio_loss(_finish_graph(gm, method, inputs), tuple(inputs),
+                            lambda g, ins: _finish_graph(g, method, ins))
+
+
+def _finish_graph(gm: fx.GraphModule, method: str, inputs) -> Traced:
     graph = gm.graph
     _place_get_attrs(graph)
     placeholders = tuple(n.name for n in graph.nodes if n.op == "placeholder")

@@ -28,6 +28,7 @@ from fxplan.codegen.emit import GraphOps
 from fxplan.runtime import autograd_ops as F
 from fxplan.runtime.comm import current
 from fxplan.runtime.fsdp import FsdpGatherLayer
+from fxplan.runtime.sync_batch_norm import SyncBatchNorm
 
 
 def fxplan_tp_f(x: torch.Tensor, key: str) -> torch.Tensor:
@@ -94,14 +95,21 @@ def fxplan_fsdp_gather_layer(shards: list, key: str, shapes: tuple, keep: bool =
     return FsdpGatherLayer.apply(current(), key, tuple(tuple(s) for s in shapes), bool(keep), *shards)
 
 
+def fxplan_sync_batch_norm(x, weight, bias, running_mean, running_var, momentum: float, eps: float,
+                           key: str) -> torch.Tensor:
+    """Training batch norm over the whole dp group `key`: statistics all-reduced forward, their
+    gradient terms all-reduced backward (sync_batch_norm.py)."""
+    return SyncBatchNorm.apply(x, weight, bias, running_mean, running_var, momentum, eps, current(), key)
+
+
 GRAPH_OPS = GraphOps(
     tp_f=fxplan_tp_f, tp_all_reduce=fxplan_tp_all_reduce, all_gather=fxplan_all_gather, slice=fxplan_slice,
     reduce_scatter=fxplan_reduce_scatter, all_to_all=fxplan_all_to_all, all_gather_rs=fxplan_all_gather_rs,
     r_to_p=fxplan_r_to_p, rows=fxplan_rows, regroup_rows=fxplan_regroup_rows, dp_grad_fix=fxplan_dp_grad_fix,
-    fsdp_gather_layer=fxplan_fsdp_gather_layer)
+    fsdp_gather_layer=fxplan_fsdp_gather_layer, sync_batch_norm=fxplan_sync_batch_norm)
 
 # fx leaves if a module calling them is ever traced again.
 for _fn in (fxplan_tp_f, fxplan_tp_all_reduce, fxplan_all_gather, fxplan_slice, fxplan_reduce_scatter,
             fxplan_all_to_all, fxplan_all_gather_rs, fxplan_r_to_p, fxplan_rows, fxplan_regroup_rows,
-            fxplan_dp_grad_fix, fxplan_fsdp_gather_layer):
+            fxplan_dp_grad_fix, fxplan_fsdp_gather_layer, fxplan_sync_batch_norm):
     torch.fx.wrap(_fn.__name__)

@@ -2,7 +2,8 @@
 
 It owns this job's process groups (key -> ProcessGroup), the world group of the loss all-reduce,
 which flat native ops the backend supports, the asynchronous FSDP reduce-scatters not yet in .grad,
-and an optional observer that counts every collective (tests, benchmarks).
+and an optional observer that counts every collective (tests, benchmarks), or also logs when each
+is issued and waited for (`Timeline`).
 
 Why one installed handle: emitted fx graphs call free functions with plain arguments
 (`fxplan_tp_all_reduce(x, 'tp:0,1')`), so `gm.code` stays readable and graphs stay picklable; a
@@ -14,6 +15,7 @@ functions receives the communicator as an argument.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -23,6 +25,7 @@ import torch.distributed as dist
 
 from fxplan.codegen.groups import position_in, ranks_of
 from fxplan.runtime.groups import ProcessGroups
+from fxplan.runtime.process import collective_timeout
 
 
 @dataclass
@@ -42,8 +45,28 @@ class CollectiveCounter:
         count.calls += 1
         count.nbytes += tensor.numel() * tensor.element_size()
 
+    def waited(self, kind: str, key: str, phase: str, tensor: torch.Tensor) -> None:
+        """The runtime waited for a launched collective that fills `tensor` (counting ignores it)."""
+
     def snapshot(self) -> dict[tuple[str, str, str], Count]:
         return dict(self.counts)
+
+
+class Timeline(CollectiveCounter):
+    """A counter that also logs, with time.perf_counter_ns(), when each collective is issued and
+    when the runtime waits for it: events (what "issue"|"wait", t_ns, kind, key, phase, buffer),
+    an issue and its wait naming the same buffer (the data pointer of the tensor it fills)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[tuple[str, int, str, str, str, int]] = []
+
+    def record(self, kind: str, key: str, phase: str, tensor: torch.Tensor) -> None:
+        super().record(kind, key, phase, tensor)
+        self.events.append(("issue", time.perf_counter_ns(), kind, key, phase, tensor.data_ptr()))
+
+    def waited(self, kind: str, key: str, phase: str, tensor: torch.Tensor) -> None:
+        self.events.append(("wait", time.perf_counter_ns(), kind, key, phase, tensor.data_ptr()))
 
 
 class Communicator:
@@ -76,13 +99,17 @@ class Communicator:
         # A world group of its own for the async loss all-reduce, so it never queues behind (or
         # ahead of) other traffic on the default group. Made once: new_group is collective.
         if self._loss_group is None:
-            self._loss_group = dist.new_group(list(range(dist.get_world_size())))
+            self._loss_group = dist.new_group(list(range(dist.get_world_size())), timeout=collective_timeout())
         return self._loss_group
 
     # ------------------------------------------------------------ counting (off unless observed)
     def record(self, kind: str, key: str, phase: str, tensor: torch.Tensor) -> None:
         if self.observer is not None:
             self.observer.record(kind, key, phase, tensor)
+
+    def waited(self, kind: str, key: str, phase: str, tensor: torch.Tensor) -> None:
+        if self.observer is not None:
+            self.observer.waited(kind, key, phase, tensor)
 
     @contextlib.contextmanager
     def observe(self, counter: CollectiveCounter | None = None) -> Iterator[CollectiveCounter]:

@@ -39,7 +39,22 @@ def launch_gather(comm: Communicator, key: str, shards, async_op: bool,
     out = mine.new_empty(comm.size(key) * mine.numel())
     pending = gather_flat(comm, out, mine, key, async_op=async_op)
     comm.record("all_gather", key, phase, out)
+    if comm.observer is not None:
+        pending = _Observed(pending, lambda: comm.waited("all_gather", key, phase, out))
     return pending, out
+
+
+class _Observed:
+    """A launched gather that tells the communicator's observer when it is waited for."""
+
+    def __init__(self, pending: Pending, report):
+        self.pending, self.report = pending, report
+
+    def wait(self) -> None:
+        self.pending.wait()
+        if self.report is not None:
+            report, self.report = self.report, None
+            report()
 
 
 def copy_out(out: torch.Tensor, n: int, shards, shapes) -> tuple[torch.Tensor, ...]:

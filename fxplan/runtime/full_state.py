@@ -1,5 +1,8 @@
 """Full tensors from every rank's shards (collective: every rank calls, every rank gets them all):
-the model's state_dict for checkpoints and tests, and the full gradients for tests."""
+the model's state_dict for checkpoints and tests, and the full gradients for tests.
+
+Streamed: one tensor at a time is assembled on the device, copied to CPU and freed, so the device
+never holds more than the largest full tensor besides the rank's own shards."""
 
 from __future__ import annotations
 
@@ -16,16 +19,20 @@ from fxplan.runtime.materialize import full_values, owners, state_key
 
 def gather_full(gm: nn.Module, params: Mapping[str, ParamShard], model: nn.Module, device: torch.device,
                 pick: Callable[[torch.Tensor], torch.Tensor], trainable: bool = False) -> dict[str, torch.Tensor]:
-    """{first owner's state_dict key: full tensor of pick(stored tensor)} for every shard any rank holds."""
+    """{first owner's state_dict key: full CPU tensor of pick(stored tensor)} for every shard any rank holds."""
     own = owners(model)
     mine = [(state_key(own, s.name), piece_index(s), s, attr, str(fetch_attr(gm, attr).dtype))
             for attr, s in params.items() if not trainable or s.requires_grad]
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
+    # A weight shared by stages may be cut differently on each: assemble it from the pieces of one
+    # layout (the lowest rank's), which together cover the whole tensor.
+    layout_of: dict[str, tuple] = {}
     owner: dict[tuple, tuple[int, ParamShard, str, str]] = {}  # (name, piece) -> (rank, shard, attr, dtype)
     for r, items in enumerate(everyone):
         for name, piece, shard, attr, dtype in items:
-            owner.setdefault((name, piece), (r, shard, attr, dtype))
+            if layout_of.setdefault(name, _layout(shard)) == _layout(shard):
+                owner.setdefault((name, piece), (r, shard, attr, dtype))
     rank = dist.get_rank()
     out: dict[str, torch.Tensor] = {}
     for name in sorted({name for name, _ in owner}):
@@ -46,8 +53,15 @@ def gather_full(gm: nn.Module, params: Mapping[str, ParamShard], model: nn.Modul
             n = math.prod(shape)
             by_piece[piece] = flat[offset:offset + n].view(shape)
             offset += n
-        out[name] = unshard(by_piece, holders[0][1])
+        full = unshard(by_piece, holders[0][1])
+        # its own CPU memory (on a CPU device too: not a view of the buffer), then the buffer goes
+        out[name] = full.to("cpu", copy=True) if full.device.type == "cpu" else full.cpu()
+        del flat, by_piece, full
     return out
+
+
+def _layout(shard: ParamShard) -> tuple:
+    return shard.tp_dim, shard.tp, shard.fsdp, shard.dp if shard.fsdp else 1
 
 
 def full_state_dict(gm: nn.Module, params: Mapping[str, ParamShard], model: nn.Module,
@@ -57,9 +71,16 @@ def full_state_dict(gm: nn.Module, params: Mapping[str, ParamShard], model: nn.M
     own = owners(model)
     keys = list(model.state_dict().keys())
     missing = [k for k in keys if state_key(own, k) not in full]
+    missing_names = {state_key(own, k) for k in missing}
     if missing:  # buffers no stage module holds: the model's own (or initial) values
-        full.update(dict(full_values(model, {state_key(own, k) for k in missing})))
-    return {k: full[state_key(own, k)].cpu().clone() for k in keys}
+        full.update(dict(full_values(model, missing_names)))
+    out, given = {}, set()
+    for k in keys:  # every key its own CPU tensor (a tied weight's second key a copy; the model's own tensors copied)
+        name = state_key(own, k)
+        value = full[name].cpu()
+        out[k] = value.clone() if name in given or name in missing_names else value
+        given.add(name)
+    return out
 
 
 def grads_full(gm: nn.Module, params: Mapping[str, ParamShard], model: nn.Module,
@@ -67,4 +88,4 @@ def grads_full(gm: nn.Module, params: Mapping[str, ParamShard], model: nn.Module
     """Full gradients (zeros where none) of every trainable parameter."""
     grads = gather_full(gm, params, model, device, lambda p: p.grad if p.grad is not None else torch.zeros_like(p),
                         trainable=True)
-    return {k: v.cpu() for k, v in grads.items()}
+    return grads

@@ -1,25 +1,57 @@
-"""Gradient sums across ranks after one step's backward passes (the graphs did the in-layer ones).
+"""Gradient sums across ranks, overlapped with backward (the graphs did the in-layer ones).
 
-- dp: every non-FSDP parameter's gradient is dp-partial; it is SUMMED over its dp group, bucketed
-  (one flat all-reduce per group, dtype and bucket). FSDP shards were reduce-scattered in the graph.
+- dp: every non-FSDP parameter's gradient is dp-partial and is SUMMED over its dp group. As in
+  torch's DDP reducer, post-accumulate-grad hooks count each parameter's gradients; on the step's
+  last microbatch its gradient is complete, and a bucket (fixed-size, one dp group and dtype) whose
+  every member is complete is all-reduced asynchronously while backward goes on. The step waits
+  for all of them at its end. Buckets of one process group launch in one fixed order, derived
+  from the program (reverse first use in the graph, the order backward produces gradients), so
+  every member issues the same collectives in the same order whatever the run-time timing.
 - stages: a weight used by layers on two stages (GPT's tied embedding/head) gets one copy per
-  stage (codegen/split.py), each with only its own stage's gradient; the holders sum them.
+  stage (codegen/split.py), each with only its own stage's gradient. Each holder sums exactly the
+  parts of its shard that other holders store (codegen/params.py `stored_runs`), with exactly
+  those holders, so no rank builds a full-size tensor; the sum over the stages and the dp sum of
+  such a weight are one all-reduce. These launch when the stage's schedule is over: the slowest
+  holder (the first stage) only has its gradient then, and the pipeline's point-to-point traffic
+  is finished.
 """
 
 from __future__ import annotations
 
-from typing import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from fxplan.codegen.groups import group_key, ranks_of
-from fxplan.codegen.params import ParamShard, fetch_attr, piece_index, place_shard, shard_tensor
+from fxplan.codegen.groups import canonical_ranks, group_key, ranks_of
+from fxplan.codegen.params import ParamShard, fetch_attr, stored_runs
 from fxplan.runtime.comm import Communicator
 from fxplan.runtime.materialize import owners, state_key
 
-BUCKET_NUMEL = 1 << 24  # elements per flat gradient all-reduce
+BUCKET_BYTES = 25 << 20  # DDP's default bucket_cap_mb
+FIRST_BUCKET_BYTES = 1 << 20  # DDP's first bucket: small, so the first reduction starts early
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One parameter's part in a bucket: runs (offset, length) of its flat gradient, times scale."""
+
+    attr: str
+    runs: tuple[tuple[int, int], ...]
+    scale: float = 1.0
+
+    @property
+    def numel(self) -> int:
+        return sum(n for _, n in self.runs)
+
+
+@dataclass(frozen=True)
+class Bucket:
+    key: str  # the group it is summed over
+    slots: tuple[Slot, ...]
+    on_hooks: bool  # launched from backward hooks when complete (else when the schedule is over)
 
 
 class GradSync:
@@ -28,98 +60,216 @@ class GradSync:
     def __init__(self, comm: Communicator, gm: nn.Module, params: Mapping[str, ParamShard], model: nn.Module,
                  stage_index: int):
         self.comm, self.gm, self.params = comm, gm, params
-        self.shared = self._shared_params(model, stage_index)
+        tied = self._tied_buckets(model, stage_index)
+        tied_attrs = {slot.attr for b in tied for slot in b.slots}
+        self.buckets: tuple[Bucket, ...] = self._dp_buckets(tied_attrs) + tied
+        self._bucket_of = {slot.attr: i for i, b in enumerate(self.buckets) if b.on_hooks for slot in b.slots}
+        # per process group, its buckets in launch order (keys naming one rank set share a group)
+        self._order: dict[tuple[int, ...], list[int]] = {}
+        for i, b in enumerate(self.buckets):
+            self._order.setdefault(canonical_ranks(b.key), []).append(i)
+        self._step: _StepState | None = None
+        for attr in self._bucket_of:
+            fetch_attr(gm, attr).register_post_accumulate_grad_hook(self._hook(attr))
 
-    # ------------------------------------------------------------ dp
-    def sum_over_dp(self) -> None:
-        """SUM each parameter's dp-partial gradient over its dp group (bucketed, one flat buffer each)."""
-        buckets: dict[tuple, list[nn.Parameter]] = {}
+    # ------------------------------------------------------------ the buckets, from the program
+    def _dp_buckets(self, skip: set[str]) -> tuple[Bucket, ...]:
+        order = _reverse_first_use(self.gm)
+        by_group: dict[tuple[str, str], list[str]] = {}
         for attr, shard in self.params.items():
             p = fetch_attr(self.gm, attr)
-            key = shard.dp_group
-            if shard.fsdp or not key or not isinstance(p, nn.Parameter) or not p.requires_grad:
+            if attr in skip or shard.fsdp or not shard.dp_group or len(ranks_of(shard.dp_group)) < 2:
                 continue
-            if len(ranks_of(key)) < 2:
-                continue
-            if p.grad is None:  # unused here, but the group's other members may have one: send zeros
-                p.grad = torch.zeros_like(p)
-            buckets.setdefault((key, p.grad.dtype), []).append(p)
-        for (key, _), members in sorted(buckets.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
-            group = self.comm.group(key)
-            for chunk in _chunks(members, BUCKET_NUMEL):
-                flat = torch.cat([p.grad.reshape(-1) for p in chunk])
-                self.comm.record("all_reduce", key, "grad", flat)
-                dist.all_reduce(flat, group=group)
-                offset = 0
-                for p in chunk:
-                    n = p.grad.numel()
-                    p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
-                    offset += n
+            if isinstance(p, nn.Parameter) and p.requires_grad:
+                by_group.setdefault((shard.dp_group, str(p.dtype)), []).append(attr)
+        out = []
+        for (key, _), attrs in sorted(by_group.items()):
+            attrs.sort(key=lambda a: order.get(a, len(order)))
+            chunk, size, limit = [], 0, FIRST_BUCKET_BYTES
+            for attr in attrs:
+                p = fetch_attr(self.gm, attr)
+                chunk.append(Slot(attr, ((0, p.numel()),)))
+                size += p.numel() * p.element_size()
+                if size >= limit:
+                    out.append(Bucket(key, tuple(chunk), True))
+                    chunk, size, limit = [], 0, BUCKET_BYTES
+            if chunk:
+                out.append(Bucket(key, tuple(chunk), True))
+        return tuple(out)
 
-    # ------------------------------------------------------------ weights shared by stages
-    def _shared_params(self, model: nn.Module, stage_index: int) -> list[tuple[str, list[tuple[str, int]]]]:
-        """[(group key, [(attr, replicas)])]: this rank's parameters that other STAGES hold too.
+    def _tied_buckets(self, model: nn.Module, stage_index: int) -> tuple[Bucket, ...]:
+        """Buckets summing this rank's parameters that other STAGES hold too, piece by shared piece.
 
         Every rank learns every rank's shards here (one all_gather_object at setup), so all ranks
-        create the holder groups in the same order (new_group is collective over the world).
+        derive the same pieces and create the holder groups in the same order (new_group is
+        collective over the world).
         """
         own = owners(model)
-        mine = [(state_key(own, s.name), piece_index(s)) for s in self.params.values() if s.requires_grad]
+        mine = [(state_key(own, s.name), s) for s in self.params.values() if s.requires_grad]
         everyone: list = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, (stage_index, mine))
-        holders: dict[str, dict[int, list[tuple[int, tuple]]]] = {}  # key -> stage -> [(rank, piece)]
+        holders: dict[str, list[tuple[int, int, ParamShard]]] = {}  # name -> [(rank, stage, shard)]
         for r, (stage, items) in enumerate(everyone):
-            for name, piece in items:
-                holders.setdefault(name, {}).setdefault(stage, []).append((r, tuple(piece)))
-        shared = {name: by_stage for name, by_stage in sorted(holders.items()) if len(by_stage) > 1}
-        keys = sorted({group_key(sorted(r for lst in by_stage.values() for r, _ in lst), "tied")
-                       for by_stage in shared.values()}, key=lambda k: (len(ranks_of(k)), k))
+            for name, shard in items:
+                holders.setdefault(name, []).append((r, stage, shard))
+        pieces = []  # (name, full offset, length, [(rank, stage, shard, stored offset)])
+        for name in sorted(holders):
+            if len({stage for _, stage, _ in holders[name]}) > 1:
+                pieces.extend(shared_pieces(name, holders[name]))
+        keys = sorted({group_key(sorted(r for r, *_ in who), "tied") for *_, who in pieces},
+                      key=lambda k: (len(ranks_of(k)), k))
         self.comm.groups.create(keys)
-        out: dict[str, list[tuple[str, int]]] = {}
-        for attr, s in self.params.items():
-            name = state_key(own, s.name)
-            if not s.requires_grad or name not in shared:
+        attr_of = {state_key(own, s.name): a for a, s in self.params.items()}
+        slots = tied_slots(pieces, dist.get_rank(), attr_of)
+        return tuple(Bucket(key, tuple(members), False) for key, members in sorted(slots.items()))
+
+    # ------------------------------------------------------------ one step
+    def begin_step(self, microbatches: int) -> None:
+        """Before the step's first backward: each parameter's gradient is complete after `microbatches`."""
+        self._step = _StepState(microbatches, [len(b.slots) for b in self.buckets], {})
+
+    def _hook(self, attr: str):
+        def on_grad(param: torch.Tensor) -> None:
+            step = self._step
+            if step is None:  # a backward outside train_step: nothing to sum
+                return
+            seen = step.seen[attr] = step.seen.get(attr, 0) + 1
+            if seen == step.microbatches:
+                i = self._bucket_of[attr]
+                step.waiting[i] -= 1
+                if step.waiting[i] == 0:
+                    self._launch_ready(canonical_ranks(self.buckets[i].key))
+        return on_grad
+
+    def _launch_ready(self, ranks: tuple[int, ...]) -> None:
+        step = self._step
+        for i in self._order[ranks]:
+            if i in step.works:
                 continue
-            by_stage = shared[name]
-            ranks = sorted(r for lst in by_stage.values() for r, _ in lst)
-            # ranks of this stage holding the very same piece each add it: divide to count it once
-            replicas = sum(1 for _, piece in by_stage[stage_index] if piece == tuple(piece_index(s)))
-            out.setdefault(group_key(ranks, "tied"), []).append((attr, replicas))
-        return sorted(out.items())
+            if step.waiting[i]:
+                return  # the group's next bucket in order is not complete yet
+            self._launch(i)
 
-    def sum_over_stages(self) -> None:
-        """Make every stage's copy of a shared weight carry the SUM of all stages' gradients.
+    def _launch(self, i: int) -> None:
+        bucket, step = self.buckets[i], self._step
+        grads = []
+        for slot in bucket.slots:
+            p = fetch_attr(self.gm, slot.attr)
+            if p.grad is None:  # unused here, but the group's other members may have one: send zeros
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        buf = pack(bucket.slots, grads)
+        self.comm.record("all_reduce", bucket.key, "grad", buf)
+        step.works[i] = (dist.all_reduce(buf, group=self.comm.group(bucket.key), async_op=True), buf)
 
-        Runs after the dp sum, so each holder's local grad is its stage's complete contribution in
-        its own shard layout (tp slice, FSDP block). Each holder writes it into a full-size zero
-        tensor (divided by the ranks of its stage holding the same piece), one flat all-reduce per
-        holder group sums the stages, and each holder cuts its own shard back out.
-        """
-        for key, members in self.shared:
-            fulls = []
-            for attr, replicas in members:
-                p = fetch_attr(self.gm, attr)
-                grad = p.grad if p.grad is not None else torch.zeros_like(p)
-                fulls.append(place_shard(grad, self.params[attr]) / replicas)
-            flat = torch.cat([f.reshape(-1) for f in fulls])
-            self.comm.record("all_reduce", key, "grad", flat)
-            dist.all_reduce(flat, group=self.comm.group(key))
-            offset = 0
-            for (attr, _), full in zip(members, fulls):
-                n = full.numel()
-                p = fetch_attr(self.gm, attr)
-                local = shard_tensor(flat[offset:offset + n].view_as(full), self.params[attr])
-                p.grad = local.view_as(p).to(p.dtype)
-                offset += n
+    def finish_step(self) -> None:
+        """After the step's last backward: launch what is left (in order), wait, write the sums back."""
+        step = self._step
+        if step is None:
+            return
+        late = [a for a, seen in step.seen.items() if seen > step.microbatches]
+        if late:
+            raise RuntimeError(f"gradients of {late[:3]} arrived more than once per microbatch; their dp sum "
+                               f"started before they were complete")
+        for i, bucket in enumerate(self.buckets):
+            if i not in step.works:
+                self._launch(i)
+        self._step = None
+        for i, bucket in enumerate(self.buckets):
+            work, buf = step.works[i]
+            work.wait()
+            self.comm.waited("all_reduce", bucket.key, "grad", buf)
+            unpack(bucket.slots, [fetch_attr(self.gm, slot.attr).grad for slot in bucket.slots], buf)
 
 
-def _chunks(params: list[nn.Parameter], limit: int) -> Iterator[list[nn.Parameter]]:
-    chunk, size = [], 0
-    for p in params:
-        if chunk and size + p.numel() > limit:
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(p)
-        size += p.numel()
-    if chunk:
-        yield chunk
+def pack(slots: tuple[Slot, ...], grads: list[torch.Tensor]) -> torch.Tensor:
+    """One flat buffer of the slots' runs of their gradients (scaled): what a bucket all-reduces."""
+    parts = []
+    for slot, grad in zip(slots, grads):
+        flat = grad.detach().reshape(-1)
+        for start, n in slot.runs:
+            part = flat[start:start + n]
+            parts.append(part * slot.scale if slot.scale != 1 else part)
+    return torch.cat(parts) if len(parts) > 1 else parts[0].clone()
+
+
+def unpack(slots: tuple[Slot, ...], grads: list[torch.Tensor], buf: torch.Tensor) -> None:
+    """Write a summed buffer back into the slots' runs of their gradients."""
+    offset = 0
+    for slot, grad in zip(slots, grads):
+        flat = grad.view(-1)
+        for start, n in slot.runs:
+            flat[start:start + n].copy_(buf[offset:offset + n])
+            offset += n
+
+
+@dataclass
+class _StepState:
+    microbatches: int
+    waiting: list[int]  # per bucket: members whose gradient is not complete yet
+    seen: dict[str, int]  # attr -> gradients accumulated this step
+    works: dict = None  # bucket -> (async work, its buffer)
+
+    def __post_init__(self):
+        self.works = {}
+
+
+def _reverse_first_use(gm: nn.Module) -> dict[str, int]:
+    """attr -> rank in the order backward finishes gradients: the last used in forward first."""
+    graph = getattr(gm, "graph", None)
+    targets = [n.target for n in graph.nodes if n.op == "get_attr"] if graph is not None else []
+    first = list(dict.fromkeys(targets))
+    return {t: i for i, t in enumerate(reversed(first))}
+
+
+def shared_pieces(name: str, holders: list[tuple[int, int, ParamShard]]):
+    """The full tensor cut at every holder's run boundary: [(name, full offset, length, [(rank, stage,
+    shard, stored offset)])] for each maximal part the same holders store (dropping adjacent equal cuts)."""
+    runs = {r: stored_runs(s) for r, _, s in holders}
+    cuts = sorted({x for rs in runs.values() for f, _, n in rs for x in (f, f + n)})
+    out = []
+    for a, b in zip(cuts, cuts[1:]):
+        who = []
+        for r, stage, s in holders:
+            for f, start, n in runs[r]:
+                if f <= a and b <= f + n:
+                    who.append((r, stage, s, start + a - f))
+                    break
+        if len({stage for _, stage, _, _ in who}) < 2:
+            continue
+        prev = out[-1] if out else None
+        if prev and prev[1] + prev[2] == a and [h[0] for h in prev[3]] == [h[0] for h in who] and \
+                all(p[3] + prev[2] == w[3] for p, w in zip(prev[3], who)):
+            out[-1] = (name, prev[1], prev[2] + b - a, prev[3])
+        else:
+            out.append((name, a, b - a, who))
+    return out
+
+
+def tied_slots(pieces, rank: int, attr_of: Mapping[str, str]) -> dict[str, list[Slot]]:
+    """Group key -> this rank's slots, for the shared pieces it stores (pieces as `shared_pieces`)."""
+    slots: dict[str, list[Slot]] = {}
+    for name, _, n, who in pieces:
+        mine = [h for h in who if h[0] == rank]
+        if not mine:
+            continue
+        _, stage, shard, offset = mine[0]
+        same = sum(1 for _, s, _, _ in who if s == stage)  # this stage's ranks holding this piece
+        # Non-FSDP gradients are still dp-partial (1/dp of the stage's); an FSDP block's is the
+        # stage's whole contribution. Scaled so the sum counts each stage exactly once.
+        scale = (1 if shard.fsdp else shard.dp) / same
+        slots.setdefault(group_key(sorted(r for r, *_ in who), "tied"), []).append(
+            Slot(attr_of[name], ((offset, n),), scale))
+    return {key: _merged(members) for key, members in slots.items()}
+
+
+def _merged(slots: list[Slot]) -> list[Slot]:
+    """Consecutive slots of one parameter and scale as one. The pieces keep their global order,
+    so every member of a group lays its buffer out alike whatever its own attribute names."""
+    out: list[Slot] = []
+    for s in slots:
+        if out and out[-1].attr == s.attr and out[-1].scale == s.scale:
+            out[-1] = Slot(s.attr, out[-1].runs + s.runs, s.scale)
+        else:
+            out.append(s)
+    return out

@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from fxplan.codegen.groups import canonical_ranks
 from fxplan.errors import DistributedSetupError
+from fxplan.runtime.process import collective_timeout
 
 
 class ProcessGroups:
@@ -42,4 +43,5 @@ class ProcessGroups:
             ranks = canonical_ranks(key)
             if len(ranks) < 2 or ranks in self._by_ranks:
                 continue
-            self._by_ranks[ranks] = dist.group.WORLD if ranks == world else dist.new_group(list(ranks))
+            self._by_ranks[ranks] = dist.group.WORLD if ranks == world else \
+                dist.new_group(list(ranks), timeout=collective_timeout())

@@ -8,17 +8,44 @@ multi-process test must fail by itself, never hang CI.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
-from typing import Mapping, Sequence
+from typing import Mapping, Sequence, TextIO
 
 
 def torchrun_command(script: str, nproc: int, args: Sequence[str] = ()) -> list[str]:
     """The exact command line `run_torchrun` executes (printed by the demo)."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={int(nproc)}",
             str(script), *map(str, args)]
+
+
+def say(line: str, stream: TextIO | None = None) -> None:
+    """Write `line` and its newline in ONE write to the stream's file descriptor.
+
+    Every rank of a torchrun job shares one pipe; print() writes the text and the newline
+    separately (each its own syscall when Python runs unbuffered), so two ranks' lines can
+    splice. A single write of at most PIPE_BUF bytes is atomic on a pipe.
+    """
+    stream = stream or sys.stdout
+    data = (line + "\n").encode()
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # captured or in-memory stream: no descriptor
+        stream.write(line + "\n")
+        stream.flush()
+        return
+    stream.flush()
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def tagged(output: str, tag: str = "RESULT") -> list:
+    """The JSON records of every `TAG {json}` line `say` wrote into `output`, in order."""
+    head = tag + " "
+    return [json.loads(line[len(head):]) for line in output.splitlines() if line.startswith(head)]
 
 
 def run_torchrun(script: str, nproc: int, args: Sequence[str] = (), timeout_s: float = 300,

@@ -69,6 +69,12 @@ def _init_module(model: nn.Module, mod_name: str, init_fn: Callable | None) -> n
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(module_seed(mod_name))
         with torch.no_grad():
+            # Buffers start at zero, not at whatever the allocator held, so one no initialiser
+            # touches agrees on every rank; an initialiser that sets one (reset_running_stats(),
+            # Hugging Face's rotary inv_freq) overwrites it below.
+            for buf in own_buffers(clone).values():
+                if buf is not None:
+                    buf.zero_()
             if init_fn is not None:
                 init_fn(clone)
             elif hasattr(clone, "reset_parameters"):
@@ -77,17 +83,7 @@ def _init_module(model: nn.Module, mod_name: str, init_fn: Callable | None) -> n
                 raise ModelError(f"module {mod_name or '<root>'} ({type(module).__name__}) of a meta model has "
                                  f"parameters but no reset_parameters(); give distribute(init_fn=...) a "
                                  f"function that initialises such a module in place")
-            # buffers without an initialiser stay as allocated: zero them so every rank agrees
-            for name, buf in own_buffers(clone).items():
-                if buf is not None and name not in _initialised(clone):
-                    buf.zero_()
     return clone
-
-
-def _initialised(module) -> set:
-    # reset_running_stats() & co. are what reset_parameters() calls for buffers; we cannot see
-    # which buffers an initialiser touched, so we only zero buffers of modules without any init.
-    return set(own_buffers(module)) if hasattr(module, "reset_parameters") else set()
 
 
 def full_values(model: nn.Module, keys: Iterable[str], init_fn: Callable | None = None):
@@ -105,7 +101,8 @@ def full_values(model: nn.Module, keys: Iterable[str], init_fn: Callable | None 
             if tensor is None:
                 tensor = own_buffers(module)[attr]
             yield key, tensor.detach()
-        del module
+        # nothing of this module may stay referenced while the next one is materialised
+        del module, tensor
 
 
 def full_model(model: nn.Module, init_fn: Callable | None = None) -> nn.Module:
@@ -114,11 +111,15 @@ def full_model(model: nn.Module, init_fn: Callable | None = None) -> nn.Module:
     if not is_meta_model(model):
         return real
     real.to_empty(device="cpu")
-    values = dict(full_values(model, list(model.state_dict().keys()), init_fn))
+    # every tensor, non-persistent buffers too (a rotary table is not in the state_dict, but the
+    # ranks' modules hold it, materialised as here)
+    tensors = dict(real.named_parameters(remove_duplicate=False))
+    tensors.update(real.named_buffers(remove_duplicate=False))
+    own = owners(model)
+    values = full_values(model, [k for k in tensors if k in own], init_fn)
     with torch.no_grad():
-        for key, value in real.state_dict(keep_vars=True).items():
-            if key in values:
-                value.copy_(values[key])
+        for key, value in values:
+            tensors[key].copy_(value)
     return real
 
 

@@ -1,8 +1,11 @@
-"""The ONE adapter over torch.distributed.pipelining (PipelineStage + schedules).
+"""The ONE adapter over torch.distributed.pipelining (PipelineStage + its action-list runtime).
 
-Everything private in torch's pipelining package is touched here only, so a torch upgrade breaks
-one file. The runtime hands us this rank's stage GraphModule, its lane group (the pp process group
-{q, q + n_s, ...} of the ranks at local position q of every stage) and the schedule name.
+The runtime hands us this rank's stage GraphModule, its lane group (the pp process group
+{q, q + n_s, ...} of the ranks at local position q of every stage) and the schedule name. Every
+schedule runs as the per-rank action lists fxplan.schedules builds (the very lists its simulator
+times) on torch's `_PipelineScheduleRuntime` (reached through fxplan/_torch.py), which adds the
+sends and receives: F, fused B, or B split into I (input gradient, sent upstream at once) and W
+(weight gradient, deferred to fill bubbles).
 
 Shapes are static: before the first step the lane runs one probe forward in pipeline order
 (stage 0 on the real first microbatch, later stages on zeros of the received shapes) and passes
@@ -13,18 +16,32 @@ works with collectives inside the stage graphs, which meta tensors cannot run th
 from __future__ import annotations
 
 import inspect
+import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.microbatch import TensorChunkSpec
 
+from fxplan import schedules
 from fxplan.errors import ConstraintError
-from fxplan._torch import replicated_chunk_spec
+from fxplan.runtime.boundary import boundary_checked
+from fxplan._torch import loaded_compute_actions, pipeline_schedule_runtime, replicated_chunk_spec
 
-SCHEDULES: dict[str, type] = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+SINGLE_CHUNK = ("gpipe", "1f1b", "zb-h1", "zb-h2", "zb-auto")
+"""The schedules this adapter runs: one stage per rank (interleaved-1f1b and zbv need several)."""
+
+CHAINED = ("zb-h2", "zb-auto", "zbv")
+"""Schedules that need iterations chained: their later stages start the next iteration while the
+first stage still drains its weight gradients; a barrier between steps costs them their gain
+(zb-h2 at pp=2, m=6: no bubble chained, 5.3 % with one). GPipe, 1F1B and ZB-H1 end every stage's
+list after the first stage's last input gradient anyway, so they lose nothing to one."""
+
+
+def chains(schedule: str) -> bool:
+    return schedule in CHAINED
 
 
 @dataclass(frozen=True)
@@ -78,19 +95,26 @@ def probe_shapes(gm: Callable, stage: int, num_stages: int, lane: Sequence[int],
 
 
 class PipelineRun:
-    """One rank's stage under a torch pipelining schedule; `step` runs one iteration."""
+    """One rank's stage under a schedule's action lists; `step` runs one iteration."""
 
     def __init__(self, gm: torch.nn.Module, stage: int, num_stages: int, lane: Sequence[int], group,
-                 schedule: str, microbatches: int, in_specs, out_specs, device, replicate_args=()):
-        if schedule not in SCHEDULES:
+                 schedule: str, microbatches: int, in_specs, out_specs, device, replicate_args=(),
+                 plan_schedule: "schedules.Schedule | None" = None):
+        if schedule not in SINGLE_CHUNK:
             raise ConstraintError(f"the runtime cannot run schedule {schedule!r} yet; it runs "
-                                  f"{', '.join(SCHEDULES)}: re-plan with Constraints(schedule=...) pinned to one")
+                                  f"{', '.join(SINGLE_CHUNK)}: re-plan with Constraints(schedule=...) pinned to one")
         self.stage_index = stage
         self.is_last = stage == num_stages - 1
         self.microbatches = microbatches
+        # every rank builds the same lists (zb-auto from the plan's own pass times when given)
+        self.plan_schedule = plan_schedule or schedules.build(schedule, num_stages, microbatches)
+        if self.plan_schedule.ranks != num_stages or self.plan_schedule.microbatches != microbatches:
+            raise ConstraintError(f"schedule lists for {self.plan_schedule.ranks} stages x "
+                                  f"{self.plan_schedule.microbatches} microbatches given to a {num_stages}-stage, "
+                                  f"{microbatches}-microbatch pipeline")
         meta = torch.device("meta")
         self.stage = PipelineStage(
-            gm, stage, num_stages, torch.device(device),
+            boundary_checked(gm, out_specs, stage, self.is_last), stage, num_stages, torch.device(device),
             input_args=tuple(s.example(meta) for s in in_specs),
             output_args=tuple(s.example(meta) for s in out_specs),
             group=group,
@@ -106,20 +130,56 @@ class PipelineRun:
 
         spec = tuple(replicated_chunk_spec() if i in replicate_args else TensorChunkSpec(0)
                      for i in range(len(in_specs))) if stage == 0 else None
-        kwargs = dict(n_microbatches=microbatches, loss_fn=loss_fn, args_chunk_spec=spec)
-        if "scale_grads" in inspect.signature(SCHEDULES[schedule].__init__).parameters:
-            kwargs["scale_grads"] = False
-        self.schedule = SCHEDULES[schedule](self.stage, **kwargs)
+        self.schedule = pipeline_schedule_runtime(
+            [self.stage], {r: [(a.stage, a.kind, a.microbatch) for a in ops]
+                           for r, ops in enumerate(self.plan_schedule.actions)},
+            n_microbatches=microbatches, loss_fn=loss_fn, args_chunk_spec=spec, scale_grads=False)
+        self.busy: dict[str, float] = {}  # seconds per pass kind ("F", "I", "W", "B") of the last step
+        self.counts: dict[str, int] = {}
+        # the last step's passes in order: (kind, microbatch, start, end), perf_counter seconds (one
+        # monotonic clock for every process on a host, so ranks' timelines line up)
+        self.events: list[tuple[str, int, float, float]] = []
+        self.window = (0.0, 0.0)
+        self._time_passes()
         self._step_kwargs = {"return_outputs": False} \
             if "return_outputs" in inspect.signature(self.schedule.step).parameters else {}
+
+    def _time_passes(self) -> None:
+        """Wrap the stage's three compute entry points with wall-clock timers: each rank's busy time
+        per pass kind and its timeline, for benchmarks (the bubble is the rest of the step)."""
+        stage = self.stage
+
+        def timed(fn, kind_of):
+            def run(*args, **kwargs):
+                start = time.perf_counter()
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    end = time.perf_counter()
+                    kind = kind_of(kwargs)
+                    self.busy[kind] = self.busy.get(kind, 0.0) + end - start
+                    self.counts[kind] = self.counts.get(kind, 0) + 1
+                    self.events.append((kind, int(args[0]) if args else -1, start, end))
+            return run
+
+        stage.forward_one_chunk = timed(stage.forward_one_chunk, lambda kw: "F")
+        stage.backward_one_chunk = timed(stage.backward_one_chunk,
+                                         lambda kw: "B" if kw.get("full_backward", True) else "I")
+        stage.backward_weight_one_chunk = timed(stage.backward_weight_one_chunk, lambda kw: "W")
+
+    def loaded_actions(self) -> list[tuple[int, str, int]]:
+        """The compute actions torch will run on this rank, read back from torch's lowered lists."""
+        return loaded_compute_actions(self.schedule, self.stage_index)
 
     def step(self, batch: tuple) -> list[torch.Tensor] | None:
         """Run all microbatches; on the last stage return each microbatch's (loss / microbatches)."""
         args = tuple(batch) if self.stage_index == 0 else ()
         losses: list | None = [] if self.is_last else None
         kwargs = dict(self._step_kwargs)
-        if self.is_last:  # the schedule indexes one target per microbatch; our loss needs none
+        if self.is_last:  # the runtime indexes one target per microbatch; our loss needs none
             kwargs["target"] = torch.zeros(self.microbatches, device=self.stage.device)
+        self.busy, self.counts, self.events = {}, {}, []
+        start = time.perf_counter()
         self.schedule.step(*args, losses=losses, **kwargs)
+        self.window = (start, time.perf_counter())  # the schedule's own part of the step
         return losses
-

@@ -4,12 +4,14 @@ timeout, the device, and the checks every rank makes before it builds anything."
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from fxplan._torch import set_group_timeout
 from fxplan.errors import DistributedSetupError
 from fxplan.plan import Plan
 
@@ -20,9 +22,52 @@ def in_torchrun() -> bool:
     return all(k in os.environ for k in TORCHRUN_VARS)
 
 
+DEFAULT_TIMEOUT_S = 30.0
+PLAN_WAIT_MARGIN_S = 120.0  # tracing and the cost model on rank 0, beyond the solver's own budget
+
+
+_given: list = [None]  # distribute(timeout_s=) of this process, ahead of the environment
+
+
 def timeout_s() -> float:
-    """Process-group timeout: a rank stuck in a collective fails after this instead of hanging."""
-    return float(os.environ.get("FXPLAN_TIMEOUT_S", "300"))
+    """Timeout of every training collective and p2p transfer (the default group and every group fxplan
+    makes): a stuck or lost peer ends the job after this instead of hanging. `distribute(timeout_s=)`
+    sets it, else FXPLAN_TIMEOUT_S, else DEFAULT_TIMEOUT_S."""
+    if _given[0] is not None:
+        return _given[0]
+    text = os.environ.get("FXPLAN_TIMEOUT_S", str(DEFAULT_TIMEOUT_S))
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise DistributedSetupError(f"FXPLAN_TIMEOUT_S={text!r} is not a positive number of seconds; unset it "
+                                    f"(default {DEFAULT_TIMEOUT_S:g} s) or give e.g. FXPLAN_TIMEOUT_S=60")
+    return value
+
+
+def collective_timeout() -> timedelta:
+    return timedelta(seconds=timeout_s())
+
+
+def set_timeout(value) -> None:
+    """distribute(timeout_s=): checked here, used by every group made from now on and by the default
+    group (which compile() may have joined already, under the environment's timeout)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise DistributedSetupError(f"distribute(timeout_s={value!r}): give a positive number of seconds, e.g. "
+                                    f"timeout_s=60, or leave it out (default {DEFAULT_TIMEOUT_S:g} s or FXPLAN_TIMEOUT_S)")
+    _given[0] = float(value)
+    if dist.is_initialized():
+        set_group_timeout(collective_timeout())
+
+
+def plan_wait_group(time_limit_s: float):
+    """A world group for waiting on rank 0's plan: the search may take time_limit_s plus a margin,
+    longer than a training collective may wait (collective over the world: every rank calls it)."""
+    return dist.new_group(list(range(dist.get_world_size())),
+                          timeout=timedelta(seconds=float(time_limit_s) + PLAN_WAIT_MARGIN_S + timeout_s()))
 
 
 def init_default_group() -> None:

@@ -4,8 +4,9 @@
 
 Per iteration (`train_step`): cut the global batch into the plan's microbatches (batches.py), run
 forward and backward of this rank's stage (a plain loop when pp == 1, a torch pipelining schedule
-otherwise, pipeline.py), then SUM parameter gradients over each parameter's dp group and over the
-stages sharing a weight (grad_sync.py; FSDP shards were already reduce-scattered inside the graph).
+otherwise, pipeline.py), SUMMING parameter gradients over each parameter's dp group while backward
+runs and over the stages sharing a weight when this stage's schedule is over (grad_sync.py; FSDP
+shards are reduce-scattered by the graph), waiting for those sums before returning.
 The loss comes back as an async all-reduce that only waits when the caller reads it: no global
 barrier at the end of an iteration, so a stage can start the next one as soon as it is done.
 """
@@ -27,13 +28,18 @@ from fxplan.codegen.params import fetch_attr
 from fxplan.codegen.program import EmitSource
 from fxplan.errors import DistributedSetupError
 from fxplan.plan import Plan
+from fxplan import schedules
 from fxplan.runtime import full_state, materialize, pipeline
 from fxplan.runtime.batches import check_batch, is_batched, microbatches
 from fxplan.runtime.collectives import GRAPH_OPS
 from fxplan.runtime.comm import CollectiveCounter, Communicator
 from fxplan.runtime.fsdp_state import FsdpState
 from fxplan.runtime.grad_sync import GradSync
+from fxplan.runtime import step_report
+from fxplan.runtime.step_report import StepTimes
+from fxplan.runtime.loss_inputs import loss_denominator
 from fxplan.runtime.process import check_same_plan, check_world_size, device, init_default_group
+from fxplan.runtime.launch import say
 
 
 class StepLoss:
@@ -78,6 +84,7 @@ class Runner:
         self.device = device()
         self.model = model
         self.layer_graph = source.layer_graph
+        self._traced_gm = source.traced.gm  # its meta holds the split ratio loss's denominator
         # Every rank creates every group, in one order: new_group is collective over the world.
         self.comm.groups.create(required_group_keys(plan))
         self.stage_index = next(s.index for s in plan.stages if self.rank in s.devices)
@@ -98,6 +105,7 @@ class Runner:
         self.fsdp = FsdpState(self.comm, self.gm) if any(s.fsdp for s in self.program.params.values()) else None
         self._pipe: pipeline.PipelineRun | None = None
         self._pipe_key: tuple | None = None
+        self.step_times = StepTimes()  # measured, for report()
 
     # ------------------------------------------------------------ setup
     def _install_params(self, init_fn) -> None:
@@ -129,12 +137,18 @@ class Runner:
     # ------------------------------------------------------------ one iteration
     def train_step(self, *batch) -> StepLoss:
         try:
-            return self._train_step(batch)
+            self.lockstep().begin_step(self.stage_index, defer=self.plan.pp > 1 and pipeline.chains(self.plan.schedule),
+                                       batch=batch)
+            self.step_times.start()
+            loss = self._train_step(batch)
+            self.step_times.stop()
+            self.lockstep().end_step()
+            return loss
         except Exception as exc:
             # torchrun kills the other ranks when this one exits; name the rank so the log says who.
             exc.add_note(f"fxplan: raised on rank {self.rank} (stage {self.stage_index}) during train_step")
-            print(f"[fxplan rank {self.rank}] train_step failed: {type(exc).__name__}: {exc}", file=sys.stderr,
-                  flush=True)
+            self._note_lost_peers(exc)
+            say(f"[fxplan rank {self.rank} stage {self.stage_index}] train_step failed: {_causes(exc)}", sys.stderr)
             raise
 
     def _train_step(self, batch) -> StepLoss:
@@ -145,14 +159,12 @@ class Runner:
         stash = [p.grad for p in params]  # grads from earlier steps: not re-summed over dp
         for p in params:
             p.grad = None
-        if self.plan.pp == 1:
-            local = self._run_loop(batch, m)
-        else:
-            local = self._run_pipeline(batch, m)
+        self.grad_sync.begin_step(m)  # dp sums start in backward as buckets complete
+        with loss_denominator(self._traced_gm, self.plan, batch):
+            local = self._run_loop(batch, m) if self.plan.pp == 1 else self._run_pipeline(batch, m)
         if self.fsdp is not None:
             self.fsdp.end_step()
-        self.grad_sync.sum_over_dp()
-        self.grad_sync.sum_over_stages()
+        self.grad_sync.finish_step()
         for p, old in zip(params, stash):
             if old is not None:
                 p.grad = old if p.grad is None else old.add_(p.grad)
@@ -176,7 +188,8 @@ class Runner:
                                                         group, first, self.device)
             replicate = {i for i in range(len(batch)) if not is_batched(self.layer_graph, i)}
             self._pipe = pipeline.PipelineRun(self.gm, self.stage_index, self.plan.pp, self.lane, group,
-                                              self.plan.schedule, m, in_specs, out_specs, self.device, replicate)
+                                              self.plan.schedule, m, in_specs, out_specs, self.device, replicate,
+                                              plan_schedule=schedules.for_plan(self.plan))
             self._pipe_key = key
         losses = self._pipe.step(batch)
         total = torch.zeros((), device=self.device)
@@ -194,9 +207,41 @@ class Runner:
         return StepLoss(value.view(()), work)
 
     # ------------------------------------------------------------ full tensors (tests, checkpoints)
+    def report(self) -> str:
+        """Measured step time per rank beside the plan's estimate, with the error (collective)."""
+        return step_report.report(self.plan, self.rank, self.step_times)
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Full CPU tensors on every rank, keys exactly as model.state_dict() (collective: call on all ranks)."""
         return full_state.full_state_dict(self.gm, self.program.params, self.model, self.device)
+
+    def lockstep(self):
+        """The step counter every train_step compares across ranks (lockstep.py)."""
+        if getattr(self, "_lockstep", None) is None:
+            from fxplan.runtime.lockstep import LockStep
+
+            self._lockstep = LockStep(self.rank, self.world_size, self.device)
+        return self._lockstep
+
+    def _note_lost_peers(self, exc: Exception) -> None:
+        # the lost-rank line itself is printed by whoever sees the death first (peer_watch.py)
+        lost = self.lockstep().lost_peers()
+        if lost:
+            exc.add_note(f"fxplan: rank{'s' if len(lost) > 1 else ''} {lost} of this job died (process gone); "
+                         f"this rank's failure follows from losing {'them' if len(lost) > 1 else 'it'}")
+
+    def save(self, path, optimizer=None) -> None:
+        """Checkpoint through torch.distributed.checkpoint, keyed by model.state_dict() names (optimizer
+        state too): loads under any plan or into the plain model (collective: call on all ranks)."""
+        from fxplan.runtime import checkpoint
+
+        checkpoint.save(self, path, optimizer)
+
+    def load(self, path, optimizer=None) -> None:
+        """Load a checkpoint written under any plan into this rank's shards (collective)."""
+        from fxplan.runtime import checkpoint
+
+        checkpoint.load(self, path, optimizer)
 
     def grads_full(self) -> dict[str, torch.Tensor]:
         """Full gradients (zeros where none) of every trainable parameter, on every rank. For tests."""
@@ -207,6 +252,17 @@ class Runner:
         """`with runner.count_collectives() as c: ...` counts every collective the block runs (the
         graphs' and the gradient sums'); `c.snapshot()` -> {(kind, key, phase): Count}."""
         return self.comm.observe()
+
+
+def _causes(exc: BaseException) -> str:
+    """The error and what it was raised from (torch's pipelining wraps a stage's error in its own)."""
+    parts, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text = " ".join(str(exc).split())
+        parts.append(f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__)
+        exc = exc.__cause__ or exc.__context__
+    return " <- ".join(parts)
 
 
 def _is_param(root: nn.Module, target: str) -> bool:

@@ -1,4 +1,6 @@
-"""Alpha-beta times of collectives and matmul compute on a `fxplan.Cluster`, from figures only.
+"""Alpha-beta times of collectives and matmul compute on a `fxplan.Cluster`: from its calibration
+(`Cluster.local()`: alpha-beta fitted per collective and group size on the real backend) where it
+has one for the group, else from its figures.
 
 Groups are lists of GLOBAL ranks (or their `GroupSpan`), so the device placement decides the link: a group inside one
 node runs on the intra-node bandwidth; a group spanning nodes runs hierarchically (intra-node
@@ -52,26 +54,39 @@ def _ring_phase(n: int, nbytes: float, bw: float, alpha: float, steps_per_peer: 
     return steps_per_peer * ((n - 1) / n * nbytes / bw + (n - 1) * alpha)
 
 
+def _measured(cluster: Cluster, kind: str, span: GroupSpan, nbytes: float) -> float | None:
+    """The calibrated alpha + beta * bytes of `kind` on a group of this size, where the cluster was
+    measured (Cluster.local: one node, every group size of its world), else None."""
+    cal = cluster.calibration
+    if cal is None or span.nodes != 1:
+        return None
+    fit = cal.fit(kind, span.size)
+    return None if fit is None else fit.time(nbytes)
+
+
 def all_reduce_time(cluster: Cluster, ranks: Group, nbytes: float) -> float:
     """Ring all-reduce: 2(n-1)/n * bytes / bw + 2(n-1) alpha (hierarchical across nodes)."""
-    return _hier(cluster, ranks, nbytes, 2)
+    return _hier(cluster, ranks, nbytes, 2, "all_reduce")
 
 
 def all_gather_time(cluster: Cluster, ranks: Group, nbytes: float) -> float:
     """Ring all-gather of an `nbytes` output: (n-1)/n * bytes / bw + (n-1) alpha."""
-    return _hier(cluster, ranks, nbytes, 1)
+    return _hier(cluster, ranks, nbytes, 1, "all_gather")
 
 
 def reduce_scatter_time(cluster: Cluster, ranks: Group, nbytes: float) -> float:
     """Ring reduce-scatter of an `nbytes` input: same traffic as all-gather."""
-    return _hier(cluster, ranks, nbytes, 1)
+    return _hier(cluster, ranks, nbytes, 1, "reduce_scatter")
 
 
-def _hier(cluster: Cluster, ranks: Group, nbytes: float, passes: int) -> float:
+def _hier(cluster: Cluster, ranks: Group, nbytes: float, passes: int, kind: str) -> float:
     span = group_span(cluster, ranks)
     n, r, nodes = span.size, span.per_node, span.nodes
     if n <= 1 or nbytes <= 0:
         return 0.0
+    measured = _measured(cluster, kind, span, nbytes)
+    if measured is not None:
+        return measured
     if nodes == 1:
         return _ring_phase(n, nbytes, cluster.intra_bw, cluster.intra_latency, passes)
     # Intra phase on everything, then N-node rings on each local member's 1/r slice in parallel.
@@ -89,6 +104,9 @@ def all_to_all_time(cluster: Cluster, ranks: Group, nbytes: float) -> float:
     n, r, nodes = span.size, span.per_node, span.nodes
     if n <= 1 or nbytes <= 0:
         return 0.0
+    measured = _measured(cluster, "all_to_all", span, nbytes)
+    if measured is not None:
+        return measured
     local = nbytes / n
     if nodes == 1:
         return (n - 1) / n * local / cluster.intra_bw + (n - 1) * cluster.intra_latency
@@ -102,6 +120,9 @@ def p2p_time(cluster: Cluster, src: int, dst: int, nbytes: float) -> float:
     if nbytes <= 0:
         return 0.0
     if cluster.node_of(src) == cluster.node_of(dst):
+        measured = _measured(cluster, "send_recv", GroupSpan(size=2, per_node=2, nodes=1), nbytes)
+        if measured is not None:
+            return measured
         return nbytes / cluster.intra_bw + cluster.intra_latency
     return nbytes / cluster.inter_bw + cluster.inter_latency
 

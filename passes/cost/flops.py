@@ -119,6 +119,24 @@ def _arg(node: fx.Node, index: int, name: str, default=None):
 
 # ---------------------------------------------------------------- FLOPs
 
+# metadata lookups: no kernel, no autograd node
+_NOT_OPS = {"size", "sym_size", "sym_numel", "sym_stride", "dim", "numel", "getattr", "stride", "getitem"}
+
+
+def is_dense(node: fx.Node) -> bool:
+    """A matmul, convolution or attention: priced on the matmul curve (the rest at the elementwise rate)."""
+    if node.op not in ("call_function", "call_method", "call_module"):
+        return False
+    name = out_of_place_name(node)
+    return name in MATMUL or name in CONV or name in ATTENTION or node.op == "call_module"
+
+
+def counts_as_op(node: fx.Node) -> bool:
+    """A call that dispatches a kernel (or a view) and records an autograd node: each costs a fixed
+    overhead in eager mode, which dominates small layers on a CPU."""
+    return node.op in ("call_function", "call_method", "call_module") and out_of_place_name(node) not in _NOT_OPS
+
+
 
 def node_flops(node: fx.Node) -> float:
     """Forward FLOPs of `node` for the whole example batch (see the module docstring)."""

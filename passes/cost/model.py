@@ -19,7 +19,9 @@ import numpy as np
 from fxplan.cluster import Cluster
 from fxplan.constraints import Constraints
 from fxplan.passes.cost.mesh import StageMesh
-from fxplan.passes.cost.spec_facts import SpecFacts, inv_efficiency_ratio, matmul_numel, param_tensors, spec_facts
+from fxplan.passes.cost.compute_time import forward_time
+from fxplan.passes.cost.schedule_costs import schedule_fields
+from fxplan.passes.cost.spec_facts import SpecFacts, matmul_numel, param_tensors, spec_facts
 from fxplan.passes.cost.strategies import layer_strategies
 from fxplan.passes.cost.tensor_pricing import TensorPricer
 from fxplan.passes.ir import R, LayerGraph, StrategySpace, TPSpec, frozen_map
@@ -36,6 +38,8 @@ class _Arrays:
     mem_fixed: np.ndarray
     mem_act: np.ndarray
     mem_peak: np.ndarray
+    mem_work: np.ndarray
+    mem_grad: np.ndarray
 
 
 def _frozen(array: list[float]) -> np.ndarray:
@@ -89,10 +93,10 @@ class CostModel:
                 raise ValueError(f"pp={pp} does not divide the {self.world} devices")
             if microbatches is None:
                 n_s = self.world // pp
-                # A layer that mixes samples (training BatchNorm) must see its whole batch: dp = 1.
-                value = tuple(tuple(s for s in layer_strategies(u, self.space, n_s, self.constraints)
-                                    if s.dp == 1 or not layer.batch_coupled)
-                              for u, layer in enumerate(self.graph.layers))
+                # A layer that mixes samples (training BatchNorm) synchronises its statistics over dp
+                # (priced in its facts' comms); only microbatches stay whole (problem()).
+                value = tuple(layer_strategies(u, self.space, n_s, self.constraints)
+                              for u in range(len(self.graph.layers)))
                 labels = tuple(tuple(str(s) for s in per_layer) for per_layer in value)
             else:
                 rows = self.batch_size // microbatches
@@ -104,10 +108,11 @@ class CostModel:
             self._strategy_labels[key] = labels
         return self._strategies[key]
 
-    def problem(self, pp: int, microbatches: int, schedule: str) -> Problem | None:
+    def problem(self, pp: int, microbatches: int, schedule: str, share_floor: bool = False) -> Problem | None:
         """The arrays of one (pp, microbatches, schedule) candidate, or None when it cannot exist:
         pp does not divide the devices or exceeds the layers, the batch does not split into
-        microbatches x dp, or the constraints' pins rule it (or every strategy of a layer) out."""
+        microbatches x dp, or the constraints' pins rule it (or every strategy of a layer) out.
+        `share_floor`: a bubble share that may be below the schedule's (cheap; for bounds only)."""
         pins = self.constraints
         if not pins.allows(pp=pp, microbatches=microbatches, schedule=schedule):
             return None
@@ -129,14 +134,21 @@ class CostModel:
             labels = self._strategy_labels[(pp, microbatches)]
             tables = self._tables[(pp, microbatches)] = (arrays, edges, labels)
         arrays, edges, labels = tables
+        fwd, bwd, wgt = (tuple(a.fwd for a in arrays), tuple(a.bwd for a in arrays), tuple(a.wgt for a in arrays))
         return Problem(
             pp=pp, microbatches=microbatches, schedule=schedule,
-            fwd=tuple(a.fwd for a in arrays), bwd=tuple(a.bwd for a in arrays), wgt=tuple(a.wgt for a in arrays),
+            fwd=fwd, bwd=bwd, wgt=wgt,
             sync=tuple(a.sync for a in arrays), mem_fixed=tuple(a.mem_fixed for a in arrays),
-            mem_act=tuple(a.mem_act for a in arrays), mem_peak=tuple(a.mem_peak for a in arrays), edges=edges,
+            mem_act=tuple(a.mem_act for a in arrays), mem_peak=tuple(a.mem_peak for a in arrays),
+            mem_work=tuple(a.mem_work for a in arrays), mem_grad=tuple(a.mem_grad for a in arrays), edges=edges,
             memory_limit=float(self.cluster.memory_bytes),
             labels=labels,
+            **schedule_fields(schedule, pp, microbatches, fwd, bwd, wgt, self.cluster, share_floor),
         )
+
+    def bound_problem(self, pp: int, microbatches: int, schedule: str) -> Problem | None:
+        """problem(..., share_floor=True): what the search's lower bounds read."""
+        return self.problem(pp, microbatches, schedule, share_floor=True)
 
     def candidate(self, pp: int, microbatches: int, schedule: str):
         """(Problem, strategies) of one candidate, or None: the pair whose indices agree."""
@@ -154,13 +166,18 @@ class CostModel:
             "cluster_description": c.describe(),
             "memory_limit_bytes": float(c.memory_bytes),
             "peak_flops": c.peak_flops,
-            "efficiency": f"{c.max_efficiency} * size / (size + {c.half_efficiency_dim}), size = geomean(m, n, k)",
+            "efficiency": (f"calibrated on {c.calibration.host} at {c.calibration.date}: matmul curve, "
+                           f"elementwise rate, op overhead" if c.calibration is not None else
+                           f"{c.max_efficiency} * size / (size + {c.half_efficiency_dim}), size = geomean(m, n, k)"),
             "backward": "2x forward FLOPs; weight matmuls split equally into B and W",
-            "collectives": "alpha-beta ring; hierarchical (intra then inter-node) for groups spanning nodes",
+            "collectives": ("alpha-beta fitted per collective and group size on the real backend"
+                            if c.calibration is not None else
+                            "alpha-beta ring; hierarchical (intra then inter-node) for groups spanning nodes"),
             "fsdp": "reshard (ZeRO-3): params all-gathered per microbatch in forward and again in backward, "
                     "keep: gathered once per step and held; grads reduce-scattered",
             "grad_sync": "not overlapped with compute; its flat buffers hold a second gradient copy",
-            "memory": "max(params + grads + optimizer + in-flight activations, that + dp sync buffers)",
+            "memory": "max(params + optimizer + in-flight activations (+ grads accumulated so far) + the largest "
+                      "layer working set, params + grads + optimizer + dp sync buffers)",
             "activation_precision": "float activations at dtype_bytes",
             "batch_size": self.batch_size,
         }
@@ -213,11 +230,12 @@ class CostModel:
 
     def _strategy_cost(self, f: SpecFacts, dp: int, fsdp: bool, recompute: bool, n_s: int, c: int,
                        reshard: bool = True):
-        """(fwd, bwd, wgt, sync, mem_fixed, mem_act, mem_peak) of one strategy, one microbatch, one device."""
+        """(fwd, bwd, wgt, sync, mem_fixed, mem_act, mem_peak, mem_work, mem_grad) of one strategy, one
+        microbatch, one device (what each memory term holds: passes/solve/problem.py)."""
         cl = self.cluster
         samples = self.batch_size / (c * dp)  # per device per microbatch
         flops = f.flops * samples
-        t_f = flops / cl.peak_flops * inv_efficiency_ratio(cl, f, f.rows_per_sample * samples)
+        t_f = forward_time(cl, f, samples)
         # Weight-gradient FLOPs equal the weight matmuls' forward FLOPs; the rest of backward is B.
         w_frac = min(1.0, 2.0 * f.rows_per_sample * samples * matmul_numel(f) / flops) if flops > 0 else 0.0
         t_b, t_w = t_f * (2.0 - w_frac), t_f * w_frac
@@ -239,21 +257,35 @@ class CostModel:
             sync = self.mesh.comm_time("reduce_scatter" if fsdp else "all_reduce", n_s, f.tp, "dp", param_bytes)
         else:
             sync = 0.0
-        per_param = 2 * cl.dtype_bytes + cl.optimizer_bytes_per_param  # weights, grads, optimizer
-        if fsdp:
-            # + one gathered copy of the layer: kept for the whole step (keep), or this layer's working
-            # set while it computes (ZeRO-3)
-            mem_fixed = f.param_numel * per_param / dp + param_bytes
-        else:
-            mem_fixed = f.param_numel * per_param
+        # weights + optimizer state, and gradients: sharded over dp under FSDP
+        state = f.param_numel * (cl.dtype_bytes + cl.optimizer_bytes_per_param) / (dp if fsdp else 1)
+        grads = param_bytes / (dp if fsdp else 1)
+        # keep: the gathered copy lives from the first forward of the step to its end
+        kept = param_bytes if fsdp and not reshard else 0.0
+        # With one microbatch the step's gradients do not exist when backward starts (zero_grad sets
+        # them to None): a layer's appear as its backward runs, after the later layers' activations
+        # were freed (`mem_grad`, summed over the later layers of the stage by evaluate). Under gradient
+        # accumulation the earlier microbatches' gradients are there throughout.
+        mem_fixed = state + kept + (grads if c > 1 else 0.0)
+        mem_grad = grads if c == 1 else 0.0
         if recompute:
             mem_act = f.input_bytes * samples + f.input_fixed_bytes
         else:
             mem_act = f.act_bytes * samples
+        # While the layer's backward runs: an op's incoming gradient and the one it makes (at most
+        # twice the layer's largest tensor); under FSDP its full-size weight gradients and the
+        # reduce-scatter buffer they are packed into, and under ZeRO-3 the prefetched re-gather of the
+        # layer before it (priced at this layer's size; the layer's own re-gathered weights are
+        # dropped before the buffer is made, runtime/fsdp.py, so three copies at most).
+        mem_work = 2.0 * f.largest_bytes * samples
+        if fsdp:
+            mem_work += param_bytes * (3.0 if reshard else 2.0)
+        if recompute:  # its backward re-runs the forward: the saved activations are back meanwhile
+            mem_work += f.act_bytes * samples
         # The dp sum concatenates the gradients into flat all-reduce buffers (runtime/grad_sync.py,
         # as DDP's buckets): while they live, a second gradient copy exists, but no activation.
-        mem_peak = mem_fixed + (param_bytes if dp > 1 and not fsdp else 0.0)
-        return fwd, bwd, t_w, sync, mem_fixed, mem_act, mem_peak
+        mem_peak = state + grads + (param_bytes if dp > 1 and not fsdp else 0.0)
+        return fwd, bwd, t_w, sync, mem_fixed, mem_act, mem_peak, mem_work, mem_grad
 
     # ------------------------------------------------------------ edges
     def _edge_content(self, edge) -> int:

@@ -47,6 +47,10 @@ class SpecFacts:
     rows_per_sample: float  # matmul rows (tokens) per sample
     input_bytes: float  # per device per sample, training precision: what recompute keeps
     input_fixed_bytes: float  # batch-independent inputs (masks), kept whole
+    dense_fraction: float = 1.0  # of flops, the matmul / conv / attention part (the rest: elementwise)
+    ops: int = 0  # compute ops of the layer's forward (each a fixed dispatch cost)
+    largest_bytes: float = 0.0  # per device per sample: the largest batch-sized float tensor the layer
+    # reads or makes (tp-local), what its backward's gradient temporaries are made of
 
 
 def param_tensors(graph: LayerGraph) -> frozenset[str]:
@@ -110,13 +114,35 @@ def spec_facts(graph: LayerGraph, u: int, spec: TPSpec, cluster: Cluster, counts
         else:
             input_bytes += local * per_sample
     return SpecFacts(
+        largest_bytes=_largest_bytes(graph, layer, spec, cluster) * per_sample,
         label=spec.label, tp=spec.tp, flops=spec.flops * per_sample, param_numel=int(spec.param_numel) + extra_params,
         act_bytes=spec.act_bytes * per_sample * ratio,
         comms=tuple((cm.kind, cm.axis, cm.nbytes * ratio * (per_sample if cm.per_sample else 1.0),
-                     cm.per_sample, cm.phase) for cm in spec.comms),
+                     cm.per_sample, cm.phase) for cm in spec.comms) + _batch_stat_comms(layer),
         weights=tuple(weights), hidden=hidden, rows_per_sample=rows_per_sample,
         input_bytes=input_bytes, input_fixed_bytes=input_fixed,
+        dense_fraction=layer.dense_flops / layer.flops if layer.flops > 0 else 1.0, ops=layer.ops,
     )
+
+
+def _largest_bytes(graph: LayerGraph, layer, spec: TPSpec, cluster: Cluster) -> float:
+    """Bytes (whole traced batch, this device's tp share) of the layer's largest batch-sized float tensor."""
+    largest = 0.0
+    for name in (*layer.inputs, *layer.nodes):
+        meta = graph.tensors.get(name)
+        if meta is None or meta.batch_dim is None or not is_float(meta):
+            continue
+        placement = spec.placements.get(name, spec.input_placements.get(name, R))
+        local = meta.nbytes * precision_ratio(cluster, meta) / (spec.tp if isinstance(placement, Shard) else 1)
+        largest = max(largest, local)
+    return largest
+
+
+def _batch_stat_comms(layer) -> tuple:
+    """Synchronised batch norm (dp > 1): one all-reduce over the dp group per batch norm forward, one
+    backward (free at dp = 1: a group of one moves nothing)."""
+    return tuple(("all_reduce", "dp", nbytes, False, phase) for nbytes in layer.batch_stat_bytes
+                 for phase in ("fwd", "bwd"))
 
 
 def matmul_numel(f: SpecFacts) -> float:

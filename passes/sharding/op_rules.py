@@ -26,10 +26,12 @@ import torch
 import torch.fx as fx
 
 from fxplan.errors import UnsupportedOpError
-from fxplan.passes.ir import R, Partial, op_name
-from fxplan.passes.sharding.op_strategy import OpStrategy, is_tensor, is_tensor_like, val
-from fxplan.passes.sharding.rules_compute import (elementwise, embedding_rule, linear_rule, matmul_rule, norm_like,
+from fxplan.passes.ir import R, Partial, Shard, op_name
+from fxplan.passes.sharding.op_strategy import OpStrategy, is_tensor, is_tensor_like, out_shape, shape, val
+from fxplan.passes.sharding.rules_compute import (conv_rule, elementwise, embedding_rule, linear_rule, matmul_rule, norm_like,
                                                   reduce_like, sdpa_rule, softmax_like, type_as_rule)
+from fxplan.passes.sharding.rules_einsum import einsum_rule
+from fxplan.passes.sharding.rules_vocab import cross_entropy_rule
 from fxplan.passes.sharding.rules_shape import (cat_like, expand_like, getitem_rule, like_rule, narrow_like,
                                                 permute_like, repeat_interleave_rule, reshape_like, shape_only,
                                                 split_like, tril_like)
@@ -77,7 +79,7 @@ def _family(node, current) -> Callable | None:
     if n in _UNARY:
         return lambda node, tp: elementwise(node, tp, "none")
     if n in _RESHAPE:
-        return reshape_like
+        return lambda node, tp: reshape_like(node, tp, current)
     if n in _PERMUTE:
         return permute_like
     if n in ("expand", "expand_as", "broadcast_to"):
@@ -85,13 +87,17 @@ def _family(node, current) -> Callable | None:
     if n in ("cat", "concat", "concatenate", "stack"):
         return cat_like
     if n in ("split", "chunk", "unbind", "split_with_sizes", "tensor_split"):
-        return split_like
+        return lambda node, tp: split_like(node, tp, current)
     if n == "repeat_interleave":
         return repeat_interleave_rule
     if n in ("narrow", "slice"):
         return narrow_like
     if n == "linear":
         return linear_rule
+    if n == "einsum":
+        return einsum_rule
+    if n in ("conv1d", "conv2d", "conv3d", "convolution"):
+        return lambda node, tp: conv_rule(node, tp, aten=n == "convolution")
     if n in ("matmul", "mm", "bmm"):
         return matmul_rule
     if n == "addmm":
@@ -101,6 +107,8 @@ def _family(node, current) -> Callable | None:
         return sdpa_rule
     if n == "embedding":
         return lambda node, tp: embedding_rule(node, tp, aten=isinstance(node.target, OpOverload))
+    if n in ("cross_entropy", "cross_entropy_loss"):
+        return cross_entropy_rule
     if n in ("layer_norm", "native_layer_norm"):
         return norm_like
     if n in ("rms_norm", "_fused_rms_norm"):
@@ -116,9 +124,14 @@ def _family(node, current) -> Callable | None:
         return like_rule
     if n == "type_as":
         return type_as_rule
-    if n in _FACTORY:
+    if n in _FACTORY or n == "pick_denominator":  # (the split ratio loss's scalar divisor: whole everywhere)
         return lambda node, tp: []
     return None
+
+
+def has_rule(node: fx.Node) -> bool:
+    """Whether fxplan knows how `node`'s op can be sharded (else it only ever runs replicated)."""
+    return _family(node, lambda n: None) is not None
 
 
 def strategies(node: fx.Node, tp: int, current=lambda n: None) -> list[OpStrategy]:
@@ -134,6 +147,8 @@ def strategies(node: fx.Node, tp: int, current=lambda n: None) -> list[OpStrateg
             f"collectives; remove it from the model's forward")
     rule = _family(node, current)
     res = [s for s in (rule(node, tp) if rule is not None else []) if s is not None]
+    if name not in _RESHAPE:
+        res += blocked_variants(node, res, current, tp)
     # P only for floating values: integer ids / masks are never sums of addends
     floats = {n for n in node.all_input_nodes if _is_float(n)}
     res = [s for s in res if not _has_partial(s, node, floats)]
@@ -145,6 +160,30 @@ def strategies(node: fx.Node, tp: int, current=lambda n: None) -> list[OpStrateg
         rep.append(R if is_tensor_like(n) else None)
     res.append(OpStrategy(tuple(rep), R, "rep"))
     return res
+
+
+def blocked_variants(node, res, current, tp) -> list[OpStrategy]:
+    """The strategies of `res` that carry a sharded dim through unchanged (same size in and out, so
+    element i of the dim stays element i), redone on the blocked shards (Shard.blocks) its inputs
+    already have: a blocked shard passes such ops (bmm over the batch, softmax, transpose, scale)
+    without being gathered. Parameters are never blocked (they are stored plain)."""
+    ks = {p.blocks for p in map(current, node.all_input_nodes) if isinstance(p, Shard) and p.blocks > 1}
+    o = out_shape(node)
+    out = []
+    for s in res if ks and o is not None else ():
+        if not isinstance(s.out, Shard) or s.out.blocks != 1:
+            continue
+        for k in ks:
+            args = []
+            for a, need in zip(node.all_input_nodes, s.args):
+                if isinstance(need, Partial) or isinstance(need, Shard) and (
+                        a.op == "get_attr" or need.blocks != 1 or shape(a)[need.dim] != o[s.out.dim]):
+                    break
+                args.append(Shard(need.dim, k) if isinstance(need, Shard) else need)
+            else:
+                if o[s.out.dim] % (k * tp) == 0:
+                    out.append(OpStrategy(tuple(args), Shard(s.out.dim, k), s.tag, s.compute))
+    return out
 
 
 def _is_float(n) -> bool:

@@ -75,6 +75,7 @@ class Step:
     scale: float = 1.0
     src: Placement | None = None
     dst: Placement | None = None
+    blocks: int = 1  # a tp step on a blocked shard (Shard.blocks): done on each block alike
 
 
 def _is_s(p) -> bool:
@@ -85,6 +86,17 @@ def transition(src: Placement, dst: Placement, tp: int) -> tuple[Step, ...]:
     """Steps that turn a tensor placed `src` into `dst` on a tp group of `tp` ranks (no f rule)."""
     if src == dst or tp == 1:
         return ()
+    if _blocked(src) or _blocked(dst):  # through R: a blocked shard is gathered / cut per block
+        if isinstance(src, Partial):
+            return (Step("reduce_scatter", "tp", tp, "reduce_scatter", "all_gather", dim=dst.dim, src=src, dst=dst,
+                         blocks=dst.blocks),)
+        if isinstance(src, Replicate):
+            if isinstance(dst, Shard):
+                return (Step("slice", "tp", tp, None, "all_gather", dim=dst.dim, src=src, dst=dst, blocks=dst.blocks),)
+            return transition(src, dst, tp)
+        if isinstance(dst, Replicate):
+            return (Step("gather", "tp", tp, "all_gather", None, dim=src.dim, src=src, dst=dst, blocks=src.blocks),)
+        return transition(src, R, tp) + transition(R, dst, tp)
     if isinstance(src, Partial):
         if isinstance(dst, Replicate):
             return (Step("g", "tp", tp, "all_reduce", None, src=src, dst=dst),)
@@ -99,6 +111,10 @@ def transition(src: Placement, dst: Placement, tp: int) -> tuple[Step, ...]:
     if isinstance(dst, Shard):
         return (Step("all_to_all", "tp", tp, "all_to_all", "all_to_all", dim=src.dim, dim2=dst.dim, src=src, dst=dst),)
     return transition(src, R, tp) + transition(R, dst, tp)
+
+
+def _blocked(p) -> bool:
+    return isinstance(p, Shard) and p.blocks > 1
 
 
 def f_step(tp: int) -> Step:
@@ -119,7 +135,8 @@ def consume_steps(src: Placement, dst: Placement, tp: int, *, sharded_consumer: 
     if isinstance(dst, Replicate) and sharded_consumer:
         if len(steps) == 1 and steps[0].kind == "gather" and only_sharded:
             s = steps[0]
-            return (Step("gather_rs", "tp", tp, "all_gather", "reduce_scatter", dim=s.dim, src=src, dst=dst),)
+            return (Step("gather_rs", "tp", tp, "all_gather", "reduce_scatter", dim=s.dim, src=src, dst=dst,
+                         blocks=s.blocks),)
         steps = steps + (f_step(tp),)
     return steps
 

@@ -4,6 +4,8 @@ elements move to; a partial sum (P) stays one where the op is linear in its inpu
 
 from __future__ import annotations
 
+import math
+
 import torch.fx as fx
 
 from fxplan.passes.ir import P, R, Shard, op_name
@@ -42,23 +44,64 @@ def reshape_groups(src: tuple, dst: tuple):
 
 
 def reshape_map(src: tuple, dst: tuple, tp: int) -> dict[int, int]:
-    """Input dim -> output dim a shard survives a reshape on: the input dim must be the outermost
-    non-1 dim of its merged/split group, and both it and the matching output dim divide by tp."""
-    mapping = {}
+    """Input dim -> output dim a plain shard survives a reshape on (as a plain shard)."""
+    out = {}
+    for d in range(len(src)):
+        if shardable(src[d], tp):
+            placed = reshape_placement(src, dst, tp, Shard(d))
+            if placed is not None and placed.blocks == 1:
+                out[d] = placed.dim
+    return out
+
+
+def reshape_placement(src: tuple, dst: tuple, tp: int, p: Shard) -> Shard | None:
+    """Where a shard `p` of the input lies after reshaping `src` to `dst` (None: nowhere whole).
+
+    Dims merged into one: the shard of an inner dim becomes a blocked shard of the merged dim (one
+    block per index of the dims outside it: [B, H/tp] -> S(0/B) of [B*H]); a dim split into several:
+    the blocks are peeled off by the outer output dims until the cut one ([B*H] S(0/B) -> [B, H]
+    S(1)). Groups both merging and splitting keep only a plain shard of their outermost dim."""
     for gi, gj in reshape_groups(src, dst):
+        if p.dim not in gi:
+            continue
         ii = [d for d in gi if src[d] != 1]
         jj = [d for d in gj if dst[d] != 1]
-        if ii and jj and shardable(src[ii[0]], tp) and shardable(dst[jj[0]], tp):
-            mapping[ii[0]] = jj[0]
-    return mapping
+        if p.dim not in ii or not jj:
+            return None
+        if len(jj) == 1:  # a merge (or one dim to one dim)
+            blocks = p.blocks * math.prod(src[d] for d in ii if d < p.dim)
+            return Shard(jj[0], blocks) if dst[jj[0]] % (blocks * tp) == 0 else None
+        if len(ii) == 1:  # one dim split into several
+            outer = 1
+            for j in jj:
+                if outer * dst[j] > p.blocks:
+                    if p.blocks % outer or dst[j] % (p.blocks // outer * tp):
+                        return None
+                    return Shard(j, p.blocks // outer)
+                outer *= dst[j]
+            return None
+        if p.blocks == 1 and p.dim == ii[0] and shardable(dst[jj[0]], tp):
+            return Shard(jj[0])
+        return None
+    return None
 
 
-def reshape_like(node, tp):
+def reshape_like(node, tp, current=lambda n: None):
     x = node.args[0]
     s, o = shape(x), out_shape(node)
     if s is None or o is None:
         return []
-    return moves(node, x, reshape_map(s, o, tp).items(), "view")
+    wanted = [Shard(d) for d in range(len(s)) if shardable(s[d], tp)]
+    cur = current(x)
+    if isinstance(cur, Shard) and cur.blocks > 1:
+        wanted.append(cur)
+    res = []
+    for p in wanted:
+        placed = reshape_placement(s, o, tp, p)
+        if placed is not None:
+            res.append(make(node, [(x, p)], placed, "view"))
+    res.append(make(node, [(x, P)], P, "view"))
+    return res
 
 
 def _perm_of(node, rank):
@@ -128,16 +171,49 @@ def cat_like(node, tp):
     return res
 
 
-def split_like(node, tp):
+def _split_dim(node, rank: int) -> int:
+    name = op_name(node)
+    return norm_dim(call_arg(node, 1, "dim", 0) if name == "unbind" else call_arg(node, 2, "dim", 0), rank)
+
+
+def equal_pieces(node, dim: int) -> int | None:
+    """How many equal pieces split / chunk / unbind `node` cuts its input's dim `dim` into (else None)."""
+    name = op_name(node)
+    if name not in ("split", "chunk", "unbind", "split_with_sizes"):
+        return None
+    s = shape(node.args[0])
+    if s is None or _split_dim(node, len(s)) != norm_dim(dim, len(s)):
+        return None
+    n = s[norm_dim(dim, len(s))]
+    if name == "unbind":
+        return n
+    arg = call_arg(node, 1, "chunks" if name == "chunk" else "split_size_or_sections")
+    if name == "chunk":
+        return arg if isinstance(arg, int) and n % arg == 0 else None
+    if isinstance(arg, int):
+        return n // arg if n % arg == 0 else None
+    if isinstance(arg, (list, tuple)) and arg and all(isinstance(a, int) and a == arg[0] for a in arg):
+        return len(arg)
+    return None
+
+
+def split_like(node, tp, current=lambda n: None):
+    """Pieces along another dim keep its shard; a dim cut into k equal pieces that is a blocked shard
+    of k blocks (a fused weight's output) gives each piece as a plain shard: every rank already holds
+    its slice of each piece, so nothing moves."""
     x = node.args[0]
     s = shape(x)
     if s is None:
         return []
-    name = op_name(node)
-    dim = norm_dim(call_arg(node, 1, "dim", 0) if name == "unbind" else call_arg(node, 2, "dim", 0), len(s))
-    dropped = name == "unbind"  # unbind removes `dim`: later dims move one down
-    return moves(node, x, [(d, d - 1 if dropped and d > dim else d) for d in range(len(s))
-                           if d != dim and shardable(s[d], tp)], "split")
+    dim = _split_dim(node, len(s))
+    dropped = op_name(node) == "unbind"  # unbind removes `dim`: later dims move one down
+    res = moves(node, x, [(d, d - 1 if dropped and d > dim else d) for d in range(len(s))
+                          if d != dim and shardable(s[d], tp)], "split")
+    cur = current(x)
+    if isinstance(cur, Shard) and cur.dim == dim and cur.blocks > 1 and equal_pieces(node, dim) == cur.blocks \
+            and not dropped:
+        res.append(make(node, [(x, cur)], Shard(dim), "split"))
+    return res
 
 
 def repeat_interleave_rule(node, tp):

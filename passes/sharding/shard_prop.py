@@ -29,6 +29,8 @@ from fxplan.passes.ir import (R, Comm, Layer, LayerGraph, Partial, Placement, Re
 from fxplan.passes.sharding.graph_facts import GraphFacts
 from fxplan.passes.sharding.op_rules import strategies
 from fxplan.passes.sharding.op_strategy import ANY, is_tensor_like
+from fxplan.passes.sharding.rules_vocab import inner_comms
+from fxplan.passes.sharding.sequence import SP_SPECS, sequence_boundary, sequence_specs
 from fxplan.passes.sharding.redistribute import (comm_weight, consume_steps, distinct_steps, steps_comms, steps_score,
                                                  tensor_steps, transition)
 
@@ -52,6 +54,9 @@ def build_strategy_space(traced: Traced, layer_graph: LayerGraph, tp_degrees, ma
                 specs[(layer.index, tp)] = tuple(_remap(ctx, s, hit[0], layer) for s in hit[1])
                 continue
             found = LayerProp(ctx, layer, tp, max_specs).run()
+            boundary = sequence_boundary(ctx, layer, tp)
+            if boundary is not None:
+                found += sequence_specs(LayerProp(ctx, layer, tp, SP_SPECS, boundary=boundary).run())
             specs[(layer.index, tp)] = found
             if key:
                 cache[key] = (layer, found)
@@ -94,8 +99,11 @@ class _State:
 class LayerProp:
     """Propagates shardings through one layer at one tp degree; `run()` returns its TPSpecs."""
 
-    def __init__(self, ctx: GraphFacts, layer, tp: int, max_specs: int = MAX_SPECS):
+    def __init__(self, ctx: GraphFacts, layer, tp: int, max_specs: int = MAX_SPECS, boundary=None):
         self.ctx, self.layer, self.tp, self.max_specs = ctx, layer, tp, max_specs
+        # boundary(tensor): the placement an activation enters and leaves the layer with (sequence
+        # parallelism's S(seq)), None for the default (enter R, leave as computed)
+        self.boundary = boundary or (lambda n: None)
         self.nodes = [ctx.nodes[x] for x in layer.nodes]
         self.inputs = [ctx.nodes[x] for x in layer.inputs]
         self.outputs = {ctx.nodes[x] for x in layer.outputs}
@@ -138,7 +146,7 @@ class LayerProp:
         start = _State()
         for x in self.inputs:
             if x not in self.weights:
-                start.place[x] = R
+                start.place[x] = self.boundary(x) or R
         states = [start]
         for i, node in enumerate(self.nodes):
             if node.op == "get_attr":
@@ -197,8 +205,9 @@ class LayerProp:
         tp = self.tp
         args = []
         for a, need in zip(node.all_input_nodes, s.args):
-            if need is ANY:
-                need = st.place.get(a, R)
+            if need is ANY:  # recorded as ANY: codegen takes it as it is, and it makes no compute sharded
+                args.append(ANY)
+                continue
             if need is not None and a in self.free and a not in st.place:
                 stored = need if isinstance(need, (Replicate, Shard)) else R
                 st.place[a] = stored
@@ -257,14 +266,23 @@ class LayerProp:
     # ------------------------------------------------------------ results
     def _finish(self, states: list[_State]) -> tuple[TPSpec, ...]:
         done = [self._spec(st) for st in states]
-        front = _pareto(done, lambda d: d[0])
-        uniq, seen = [], set()
-        for d in sorted(front, key=lambda d: d[0]):
-            if d[0] not in seen:
-                seen.add(d[0])
-                uniq.append(d)
+        # A weight another layer reads too (a tied embedding and head) couples the two layers' choices:
+        # keep the best specs of each of its placements, for the solver to match them across layers.
+        tied = [w for w in self.weights if w in self.inputs or any(u not in self.consumers[w] for u in w.users)]
+        groups: dict[tuple, list] = {}
+        for d in done:
+            groups.setdefault(tuple(str(d[1].place.get(w)) for w in tied), []).append(d)
+        fronts = []
+        for group in groups.values():
+            uniq, seen = [], set()
+            for d in sorted(_pareto(group, lambda d: d[0]), key=lambda d: d[0]):
+                if d[0] not in seen:
+                    seen.add(d[0])
+                    uniq.append(d)
+            fronts.append(_select(uniq, self.max_specs if len(groups) == 1 else max(2, self.max_specs // 2)))
+        chosen = sorted((d for f in fronts for d in f), key=lambda d: d[0])
         specs, labels = [], {}
-        for score, st, comms in _select(uniq, self.max_specs):
+        for score, st, comms in chosen:
             label = self._label(st)
             labels[label] = labels.get(label, 0) + 1
             if labels[label] > 1:
@@ -275,7 +293,9 @@ class LayerProp:
     def _spec(self, st: _State):
         """(score, state, comms): comms derived from the final placements as codegen emits them."""
         tp = self.tp
-        out_place = {o: (R if isinstance(st.place.get(o, R), Partial) else st.place.get(o, R)) for o in self.outputs}
+        # layers hand on R or plain shards: P is reduced, a blocked shard gathered, at the exit
+        out_place = {o: self.boundary(o) or (R if isinstance(st.place.get(o, R), Partial) or getattr(
+            st.place.get(o, R), "blocks", 1) > 1 else st.place.get(o, R)) for o in self.outputs}
         st.out_place.update(out_place)
         comms: list[Comm] = []
         score = 0.0
@@ -285,11 +305,11 @@ class LayerProp:
                 if u not in st.args:
                     continue
                 for a, need in zip(u.all_input_nodes, st.args[u]):
-                    if a is t and need is not None:
+                    if a is t and need is not None and need is not ANY:
                         uses.append((need, st.sharded[u]))
             if t in out_place:
                 uses.append((out_place[t], False))
-                if isinstance(out_place[t], Shard):  # the next layer will most likely gather it: rank by that
+                if isinstance(out_place[t], Shard) and self.boundary(t) is None:  # the next layer will most likely gather it
                     score += steps_score(transition(out_place[t], R, tp), self.ctx.meta(t), self.ctx.rg.get(t, False))
             if not uses:
                 continue
@@ -301,6 +321,10 @@ class LayerProp:
             meta, rg = self.ctx.meta(t), self.ctx.rg.get(t, False)
             comms.extend(steps_comms(steps, meta, rg, why=f"{{kind}} {t.name}"))
             score += steps_score(steps, meta, rg)
+        for node in self.nodes:  # collectives inside an op (the vocab-parallel loss's reductions)
+            inner = inner_comms(node, st.args.get(node), tp)
+            comms.extend(inner)
+            score += sum(comm_weight(c.kind, tp) * c.nbytes for c in inner)
         comms = [Comm(c.kind, c.axis, c.nbytes, c.per_sample, c.phase, c.why.replace("{kind}", c.kind)) for c in comms]
         return (score, st.params, st.acts, st.flops), st, tuple(comms)
 
@@ -349,7 +373,7 @@ def node_saved_total(n, ctx) -> float:
 def _select(front, k: int):
     """At most k of the (comm-sorted) Pareto front: the extremes of every criterion first (the
     cheapest in comm, and the smallest in params / activations / flops: the Megatron-like full
-    sharding), then the rest by comm."""
+    sharding) and the fewest activations among the fewest params, then the rest by comm."""
     if len(front) <= k:
         return front
     chosen = [0]
@@ -357,6 +381,12 @@ def _select(front, k: int):
         j = min(range(len(front)), key=lambda i: (front[i][0][c], front[i][0][0]))
         if j not in chosen:
             chosen.append(j)
+    # the least activations among the (nearly) fully sharded weights: Megatron's sharding, with
+    # sequence parallelism its SP form (the extremes alone may keep whole weights for fewer activations)
+    fewest = min(d[0][1] for d in front)
+    j = min((i for i in range(len(front)) if front[i][0][1] <= 1.1 * fewest), key=lambda i: (front[i][0][2], front[i][0][0]))
+    if j not in chosen:
+        chosen.insert(1, j)
     for i in range(len(front)):
         if len(chosen) >= k:
             break

@@ -20,14 +20,15 @@ class Solution:
     stage_of: tuple[int, ...]  # per layer, its pipeline stage (non-decreasing, every stage used)
     strategy_of: tuple[int, ...]  # per layer, index into the problem's strategy arrays
     objective: float  # evaluate(problem, stage_of, strategy_of).iteration_s, seconds
-    status: str  # "optimal" | "time_limit" | "infeasible"
-    gap: float  # (objective - proven lower bound) / objective; 0 when optimal; inf when no bound
+    status: str  # "optimal" | "time_limit" | "infeasible" | "cutoff" (proven: nothing beats the cutoff)
+    gap: float  # (objective - bound) / objective; 0 when optimal; inf when no assignment
     seconds: float
+    bound: float = 0.0  # proven lower bound on this candidate's optimum, seconds (inf: infeasible)
 
 
 def infeasible(seconds: float = 0.0) -> Solution:
     """No assignment fits memory."""
-    return Solution((), (), float("inf"), "infeasible", float("inf"), seconds)
+    return Solution((), (), float("inf"), "infeasible", float("inf"), seconds, float("inf"))
 
 
 def score(problem: Problem, stage_of, strategy_of) -> float | None:
@@ -62,23 +63,26 @@ def solve(problem: Problem, *, time_limit_s: float = 60, mip_gap: float = 1e-4,
     left = time_limit_s - (time.perf_counter() - t0)
     cuts = [v for v in (best[0] if best is not None else None, cutoff) if v is not None]
     cut = min(cuts) if cuts else None
-    res = solve_milp(small, time_limit_s=max(left, 0.5), mip_gap=mip_gap, cutoff=cut)
+    res = solve_milp(small, time_limit_s=max(left, 0.05), mip_gap=mip_gap, cutoff=cut)
     if res.stage_of is not None:
         strategies = reduced.to_original(res.strategy_of)
         val = score(problem, res.stage_of, strategies)
         if val is not None and (best is None or val < best[0] * (1 - 1e-12)):
             best = (val, res.stage_of, strategies)
     seconds = time.perf_counter() - t0
-    if best is None:
-        if res.status in ("infeasible", "cutoff"):
-            return infeasible(seconds)
-        return Solution((), (), float("inf"), "time_limit", float("inf"), seconds)
-    value = best[0]
-    bound = res.bound
+    bound = res.bound if np.isfinite(res.bound) else 0.0
     if res.status == "cutoff":  # proven: nothing (up to the MIP gap) beats the cutoff
-        bound = max(bound, min(value, cut) / (1 + mip_gap))
-    gap = max(0.0, (value - bound) / value) if value > 0 and np.isfinite(bound) else (0.0 if value == 0 else float("inf"))
-    status = "optimal" if gap <= mip_gap + 1e-9 else "time_limit"
-    if status == "optimal" and gap < 1e-9:
+        bound = max(bound, min(best[0] if best is not None else cut, cut) / (1 + mip_gap))
+    if best is None:
+        if res.status == "infeasible":
+            return infeasible(seconds)
+        if res.status == "cutoff":
+            return Solution((), (), float("inf"), "cutoff", float("inf"), seconds, bound)
+        return Solution((), (), float("inf"), "time_limit", float("inf"), seconds, bound)
+    value = best[0]
+    gap = (value - bound) / value if value > 0 else 0.0
+    # "cutoff": proven that nothing here beats the cutoff, though this candidate's own gap stays open
+    status = "optimal" if gap <= mip_gap + 1e-9 else ("cutoff" if res.status == "cutoff" else "time_limit")
+    if abs(gap) < 1e-9:  # rounding noise of the bound's arithmetic
         gap = 0.0
-    return Solution(best[1], best[2], value, status, gap, seconds)
+    return Solution(best[1], best[2], value, status, gap, seconds, bound)

@@ -13,6 +13,9 @@ from fxplan.passes.solve.candidate import Solution, infeasible, score
 from fxplan.passes.solve.problem import Problem
 
 
+EXHAUSTIVE_LIMIT = 2_000_000  # assignments per candidate: about a minute of scoring
+
+
 def count_assignments(problem: Problem) -> int:
     L, pp = problem.num_layers, problem.pp
     if L < pp:
@@ -21,7 +24,7 @@ def count_assignments(problem: Problem) -> int:
     return splits * math.prod(problem.num_strategies(u) for u in range(L))
 
 
-def exhaustive(problem: Problem, *, limit: int = 2_000_000) -> Solution:
+def exhaustive(problem: Problem, *, limit: int = EXHAUSTIVE_LIMIT) -> Solution:
     """Every contiguous split into pp non-empty stages times every strategy choice (tiny problems)."""
     t0 = time.perf_counter()
     L, pp = problem.num_layers, problem.pp
@@ -39,4 +42,4 @@ def exhaustive(problem: Problem, *, limit: int = 2_000_000) -> Solution:
     seconds = time.perf_counter() - t0
     if best is None:
         return infeasible(seconds)
-    return Solution(best[1], best[2], best[0], "optimal", 0.0, seconds)
+    return Solution(best[1], best[2], best[0], "optimal", 0.0, seconds, best[0])

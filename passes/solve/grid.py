@@ -73,7 +73,7 @@ def _uniform_choices(problem: Problem, strategies):
     by_layer = []
     for u, per_layer in enumerate(strategies):
         table: dict[tuple, int] = {}
-        cost = problem.fwd[u] + problem.bwd[u] + problem.wgt[u]
+        cost = problem.layer_time(u)
         for k, s in enumerate(per_layer):
             key = (s.dp, s.tp, s.fsdp, s.recompute)
             if key not in table or cost[k] < cost[table[key]]:

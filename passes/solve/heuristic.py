@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from fxplan.passes.solve.problem import Problem, evaluate, in_flight
+from fxplan.passes.solve.problem import Problem, evaluate, in_flight, segment_max
 
 
 def _times(problem: Problem) -> list[np.ndarray]:
-    return [np.asarray(problem.fwd[u]) + problem.bwd[u] + problem.wgt[u] for u in range(problem.num_layers)]
+    return [problem.layer_time(u) for u in range(problem.num_layers)]
 
 
 def place_stages(problem: Problem, strategy_of, best: float = np.inf):
@@ -30,7 +30,8 @@ def place_stages(problem: Problem, strategy_of, best: float = np.inf):
     for e in problem.edges:
         t[e.dst] += e.reshard[k[e.src], k[e.dst]]
         cut[e.src + 1: e.dst + 1] += e.send[k[e.src]]
-    mf = np.array([problem.mem_fixed[u][k[u]] for u in range(L)])
+    # the bound of evaluate's activation phase the MILP places under: every gradient, the largest work
+    mf = np.array([problem.placed_fixed(u)[k[u]] for u in range(L)])
     ma = np.array([problem.mem_act[u][k[u]] for u in range(L)])
     P = np.concatenate([[0], np.cumsum(t)])
     seg_t = P[None, :] - P[:, None]  # [s, e] time of layers s..e-1
@@ -40,8 +41,10 @@ def place_stages(problem: Problem, strategy_of, best: float = np.inf):
     valid = np.triu(np.ones((L + 1, L + 1), bool), 1)
     mp = np.array([problem.mem_peak[u][k[u]] for u in range(L)]) if problem.mem_peak else np.zeros(L)
     MP = np.concatenate([[0], np.cumsum(mp)])
+    # [s, e] the largest working set of layers s..e-1 (a stage holds one layer's at a time)
+    seg_mw = segment_max(np.array([problem.mem_work[u][k[u]] for u in range(L)]) if problem.mem_work else np.zeros(L))
     limit = problem.memory_limit * (1 + 1e-9)
-    mem_ok = [valid & (seg_mf + in_flight(problem.schedule, pp, c, i) * seg_ma <= limit)
+    mem_ok = [valid & (seg_mf + in_flight(problem.schedule, pp, c, i) * seg_ma + seg_mw <= limit)
               & (MP[None, :] - MP[:, None] <= limit) for i in range(pp)]
     const = P[-1]
     caps = np.unique(np.concatenate([seg_t[valid], cut[1:L]]))
@@ -78,7 +81,8 @@ def place_stages(problem: Problem, strategy_of, best: float = np.inf):
     floor = run(caps[-1])[0][L]
     found = None
     for B in caps[lo:]:
-        if const + floor + (c - 1) * B >= best:
+        beta = problem.bubble_share
+        if beta * (const + floor) + (c - beta) * B >= best:
             break
         dp, back = run(B)
         if not np.isfinite(dp[L]):
@@ -104,7 +108,9 @@ def choose_strategies(problem: Problem, stage_of) -> tuple[int, ...] | None:
     for i in range(pp):
         layers = [u for u in range(L) if stage_of[u] == i]
         f = in_flight(problem.schedule, pp, c, i)
-        mem = [np.maximum(np.asarray(problem.mem_fixed[u]) + f * np.asarray(problem.mem_act[u]),
+        # a working set counted per layer (not the stage's largest): the safe side for a heuristic
+        mem = [np.maximum(problem.placed_fixed(u) + f * np.asarray(problem.mem_act[u])
+                          + (problem.mem_work[u] if problem.mem_work else 0.0),
                           problem.mem_peak[u] if problem.mem_peak else 0.0) for u in layers]
         cost = [times[u] + problem.sync[u] for u in layers]
 

@@ -17,7 +17,7 @@ stage i is B[g, i] - A[g, i+1]. No stage is empty.
   sums = v's (first) strategy, exact for binaries; its reshard is charged to v's first stage and
   its send to every boundary between them, both through big-M lower bounds.
 
-Objective (problem.evaluate): sum_i p_i + sum_j o_j + (c-1) max(p_i, o_j) + max_i sync_i, where
+Objective (problem.evaluate): beta (sum_i p_i + sum_j o_j) + (c-beta) max(p_i, o_j) + max_i sync_i, where
 sum_i p_i does not depend on stages and is written directly (a much tighter relaxation).
 """
 
@@ -43,6 +43,10 @@ class MilpResult:
     seconds: float
 
 
+MIN_HIGHS_S = 0.02
+"""HiGHS always gets this much: its presolve alone often proves a small candidate."""
+
+
 def _onehot(cls: np.ndarray) -> np.ndarray:
     Q = np.zeros((len(cls), cls.max() + 1))
     Q[np.arange(len(cls)), cls] = 1.0
@@ -63,7 +67,7 @@ def solve_milp(problem: Problem, *, time_limit_s: float, mip_gap: float = 1e-4,
     G = len(segs)
     seg_of_first = {s.first: g for g, s in enumerate(segs)}
     seg_of_last = {s.last: g for g, s in enumerate(segs)}
-    time_of = [np.asarray(problem.fwd[u]) + problem.bwd[u] + problem.wgt[u] for u in range(L)]
+    time_of = [problem.layer_time(u) for u in range(L)]
     # scale: times so that a typical objective is ~1e3, memory so the limit is 1 (HiGHS tolerances
     # are absolute; seconds and bytes would be far off the 1e-6..1e6 sweet spot)
     tsum = sum(float(np.min(t)) for t in time_of) * (1 + (c - 1) / pp)
@@ -106,11 +110,19 @@ def solve_milp(problem: Problem, *, time_limit_s: float, mip_gap: float = 1e-4,
     decode = []  # per segment: how to read the solution back
     ends: dict[int, tuple] = {}  # segment -> (first-endpoint vector, last-endpoint vector, reps)
 
+    # the largest working set of a stage's layers (problem.mem_work): one variable per stage, above
+    # each of its layers' (exact: only lower bounds, as memory is capped from above)
+    has_work = finite_mem and bool(problem.mem_work) and any(np.max(w) > 0 for w in problem.mem_work)
+    work = cp.Variable(pp, nonneg=True) if has_work else None
+    if has_work:
+        stage_mem[0].append(work)
+
     for g, s in enumerate(segs):
         u = s.first
         tt = time_of[u] * ts
+        wk = np.asarray(problem.mem_work[u], float) * ms if has_work else None
         sy = np.asarray(problem.sync[u], float) * ts
-        mem = (np.asarray(problem.mem_fixed[u], float)[:, None]
+        mem = (problem.placed_fixed(u)[:, None]
                + np.asarray(problem.mem_act[u], float)[:, None] * flight[None, :]) * ms  # (K, pp)
         forms = [mem] + ([np.repeat(np.asarray(problem.mem_peak[u], float)[:, None] * ms, pp, axis=1)]
                          if problem.mem_peak else [])
@@ -132,6 +144,8 @@ def solve_milp(problem: Problem, *, time_limit_s: float, mip_gap: float = 1e-4,
                     cons += [w >= S @ form - cp.multiply(np.max(form, axis=0), 1 - og),
                              w >= cp.multiply(np.min(form, axis=0), og)]
                     bucket.append(w)
+            if has_work and np.max(wk) > 0:
+                cons.append(work >= wk @ S - float(np.max(wk)) * (1 - og))
             ends[g] = (S, S, np.arange(K), np.arange(K))
             decode.append(("single", S))
             continue
@@ -146,6 +160,10 @@ def solve_milp(problem: Problem, *, time_limit_s: float, mip_gap: float = 1e-4,
         if finite_mem:
             for form, bucket in zip(forms, stage_mem):
                 bucket.append(cp.sum(cp.multiply(x, form.T), axis=1))
+        if has_work and np.max(wk) > 0:
+            used = cp.Variable((pp, K), boolean=True)  # [strategy k is used on stage i]
+            cons += [x <= n * used, cp.reshape(work, (pp, 1), order="C") @ np.ones((1, K))
+                     >= cp.multiply(used, np.tile(wk, (pp, 1)))]
         total.append(cp.sum(x @ tt))
         cls = endpoint_classes(problem, s)
         C = int(cls.max()) + 1
@@ -252,14 +270,19 @@ def solve_milp(problem: Problem, *, time_limit_s: float, mip_gap: float = 1e-4,
         cons.append(ymax >= sum(stage_sync))
     # a stage's peak is the larger of its two phases' bytes: each must fit
     cons += [sum(terms) <= 1.0 for terms in stage_mem if finite_mem and terms]
-    objective = tot + bsum + (c - 1) * bott + ymax
+    beta = problem.bubble_share
+    objective = beta * (tot + bsum) + (c - beta) * bott + ymax
     prob = cp.Problem(cp.Minimize(objective), cons)
-    opts = {"time_limit": float(max(time_limit_s - (time.perf_counter() - t0), 0.5)),
-            "mip_rel_gap": float(mip_gap), "threads": 1, "random_seed": 0}
+    opts = {"mip_rel_gap": float(mip_gap), "threads": 1, "random_seed": 0}
     if cutoff is not None and np.isfinite(cutoff):
         opts["objective_bound"] = float(cutoff * ts) * (1 + 1e-9)
     try:
-        prob.solve(solver="HIGHS", verbose=verbose, ignore_dpp=True, **opts)
+        # canonicalise first, then give HiGHS what is left of the time limit: CVXPY's compilation of a
+        # big chain takes a good share of a second, and the limit is the caller's whole budget
+        data, chain, inverse = prob.get_problem_data(solver="HIGHS", ignore_dpp=True, solver_opts=opts)
+        opts["time_limit"] = float(max(time_limit_s - (time.perf_counter() - t0), MIN_HIGHS_S))
+        raw = chain.solve_via_data(prob, data, False, verbose, opts)
+        prob.unpack_results(raw, chain, inverse)
     except cp.error.SolverError:
         return MilpResult(None, None, float("inf"), 0.0, "time_limit", time.perf_counter() - t0)
     info = prob.solver_stats.extra_stats

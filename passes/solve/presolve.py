@@ -17,11 +17,11 @@ import numpy as np
 
 from fxplan.passes.solve.problem import Edge, Problem
 
-_ARRAYS = ("fwd", "bwd", "wgt", "sync", "mem_fixed", "mem_act", "mem_peak")
+_ARRAYS = ("fwd", "bwd", "wgt", "sync", "mem_fixed", "mem_act", "mem_peak", "mem_work", "mem_grad", "split")
 
 
 def _arrays(problem: Problem) -> tuple[str, ...]:
-    """The per-layer arrays this problem has (mem_peak is optional)."""
+    """The per-layer arrays this problem has (mem_peak, mem_work and split are optional)."""
     return tuple(name for name in _ARRAYS if getattr(problem, name))
 
 

@@ -1,23 +1,30 @@
 """UniAP's outer loop: every (pp, microbatches, schedule) candidate, best lower bound first (no torch).
 
-Each candidate gets a cheap bound that is provably <= its optimum under problem.evaluate; candidates
-whose bound cannot beat the incumbent are skipped, the rest share the time limit, and the incumbent
-objective is handed to each MILP as a cutoff. Assignments known from elsewhere (incumbents, e.g. the
-grid baseline's best plan) replace the result when they are faster; the search's proven floor stays,
-so the gap only shrinks.
+Each candidate gets a cheap bound that is provably <= its optimum under problem.evaluate
+(passes/solve/bounds.py); candidates whose bound cannot beat the incumbent by more than the target
+gap are pruned, a candidate another one provably dominates (same times, no less memory, no smaller
+bubble) is pruned by its dominator's bound, the rest share the time limit, and the incumbent objective
+is handed to each MILP as a cutoff. The deadline is hard: what it leaves unvisited is "cut" and keeps
+its bound. The reported gap is global: the incumbent against the smallest lower bound over every
+candidate, solved, pruned or cut.
+
+Assignments known from elsewhere (incumbents, e.g. the grid baseline's plans) replace the result when
+they are faster; the search's floor stays, so the gap only shrinks.
 """
 
 from __future__ import annotations
 
+import heapq
 import time
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from fxplan.passes.solve.bounds import lower_bound, min_memory
 from fxplan.passes.solve.candidate import Solution, solve
 from fxplan.passes.solve.exhaustive import exhaustive
-from fxplan.passes.solve.problem import Candidate, Problem, evaluate, in_flight
+from fxplan.passes.solve.problem import Candidate, Problem, evaluate
 
 
 @dataclass(frozen=True)
@@ -29,206 +36,224 @@ class Assignment:
     strategy_of: tuple[int, ...]
 
 
+OUTCOMES = ("solved", "pruned", "dominated", "cut", "infeasible", "skipped")
+
+
 @dataclass(frozen=True)
 class CandidateResult:
     candidate: Candidate
-    bound: float  # lower bound on this candidate's optimum, seconds (inf: infeasible)
-    outcome: str  # "solved" | "pruned" | "infeasible" | "skipped" (make_problem gave None)
+    bound: float  # the best proven lower bound on this candidate's optimum, seconds (inf: infeasible)
+    outcome: str  # one of OUTCOMES; "cut": the time limit stopped it (or came first), its bound stays
     solution: Solution | None = None
     min_memory: float = float("inf")  # least max-stage memory any assignment needs, bytes
 
 
 @dataclass(frozen=True)
 class SearchResult:
-    best: Solution | None  # None when every candidate is infeasible
+    best: Solution | None  # None when every candidate is infeasible; its gap is the global one
     problem: Problem | None  # the best candidate's problem
     candidate: Candidate | None
     considered: int  # candidates with a problem
-    pruned: int  # skipped because their bound could not beat the incumbent
+    pruned: int  # skipped because a bound (their own or a dominator's) could not beat the incumbent
     per_candidate: list[CandidateResult]
     min_memory_needed: float = float("inf")  # when best is None: least per-device bytes any candidate needs
     memory_limit: float = float("inf")
+    floor: float = 0.0  # the global lower bound: min over every candidate of its bound, seconds
+
+    def count(self, outcome: str) -> int:
+        return sum(r.outcome == outcome for r in self.per_candidate)
 
 
-def lower_bound(problem: Problem) -> float:
-    """A bound <= the optimum of `problem` under evaluate (inf when nothing fits memory).
-
-    With T = sum_i p_i (>= the layers' own times; reshards and transfers are >= 0):
-    objective >= T + (c-1) max_i p_i + max_i sync_i >= (1 + (c-1)/pp) T + (sum of syncs) / pp.
-    Memory couples the layers: summed over stages, sum_u (mem_fixed + f_min mem_act) <= pp * limit,
-    a knapsack whose Lagrangian dual (any mu >= 0) bounds the weighted time from below. Also
-    max_i p_i >= the slowest layer's fastest time that fits on a device at all.
-    """
-    pp, c, L = problem.pp, problem.microbatches, problem.num_layers
-    if L < pp or min_memory(problem) > problem.memory_limit * (1 + 1e-9):
-        return float("inf")
-    flights = [in_flight(problem.schedule, pp, c, i) for i in range(pp)]
-    f_min = min(flights)
-    t = [np.asarray(problem.fwd[u]) + problem.bwd[u] + problem.wgt[u] for u in range(L)]
-    alone = [np.asarray(problem.mem_fixed[u]) + f_min * np.asarray(problem.mem_act[u]) for u in range(L)]
-    fits = [a <= problem.memory_limit * (1 + 1e-9) for a in alone]
-    w = [(1 + (c - 1) / pp) * t[u] + np.asarray(problem.sync[u]) / pp for u in range(L)]
-    budget = pp * problem.memory_limit
-    # pad to [L, K_max] so one numpy call prices every layer
-    K = max(len(x) for x in w)
-    W = np.full((L, K), np.inf)
-    Mem = np.zeros((L, K))
-    for u in range(L):
-        W[u, : len(w[u])] = np.where(fits[u], w[u], np.inf)
-        Mem[u, : len(w[u])] = np.where(fits[u], alone[u], 0.0)
-
-    def dual(mu: float) -> float:
-        return float(np.min(W + mu * Mem, axis=1).sum()) - mu * budget
-
-    best = dual(0.0)
-    if np.isfinite(budget) and budget > 0:
-        # the dual is concave in mu: golden-section search on a log-scaled bracket
-        hi = sum(float(np.max(x)) for x in w) / budget * 1e3
-        lo = 0.0
-        for _ in range(60):
-            m1, m2 = lo + (hi - lo) * 0.382, lo + (hi - lo) * 0.618
-            if dual(m1) < dual(m2):
-                lo = m1
-            else:
-                hi = m2
-        best = max(best, dual(lo), dual(hi))
-    plain = sum(float(np.min(np.where(fits[u], t[u], np.inf))) for u in range(L))
-    return max(best, plain + (c - 1) * min_bottleneck(problem))
-
-
-def min_bottleneck(problem: Problem) -> float:
-    """A bound <= max_i p_i of every memory-feasible assignment (exact DP over contiguous splits).
-
-    On stage i a layer costs at least its fastest strategy that fits there alone, and a stage's
-    layers must fit together at their smallest footprints there. Layers are indivisible, so this
-    sees the imbalance an averaged bound misses (98 layers on 32 stages: some stage holds 4).
-    """
-    pp, c, L = problem.pp, problem.microbatches, problem.num_layers
-    if L < pp:
-        return float("inf")
-    limit = problem.memory_limit * (1 + 1e-9)
-    t = [np.asarray(problem.fwd[u]) + problem.bwd[u] + problem.wgt[u] for u in range(L)]
-    best = np.full(L + 1, np.inf)
-    best[0] = 0.0
-    tri = np.tril_indices(L + 1)
-    for i in range(pp):
-        f = in_flight(problem.schedule, pp, c, i)
-        mem = [np.asarray(problem.mem_fixed[u]) + f * np.asarray(problem.mem_act[u]) for u in range(L)]
-        tm = np.array([float(np.min(np.where(mem[u] <= limit, t[u], np.inf))) for u in range(L)])
-        mm = np.array([float(np.min(mem[u])) for u in range(L)])
-        Tc = np.concatenate([[0.0], np.cumsum(np.where(np.isfinite(tm), tm, 0.0))])
-        bad = np.concatenate([[0], np.cumsum(~np.isfinite(tm))])
-        Mc = np.concatenate([[0.0], np.cumsum(mm)])
-        seg = Tc[None, :] - Tc[:, None]
-        seg[(bad[None, :] - bad[:, None]) > 0] = np.inf  # a layer that fits nowhere on this stage
-        seg[(Mc[None, :] - Mc[:, None]) > limit] = np.inf
-        cand = np.maximum(best[:, None], seg)
-        cand[tri] = np.inf  # stages are non-empty
-        best = cand.min(axis=0)
-    return float(best[L])
-
-
-def min_memory(problem: Problem) -> float:
-    """min over contiguous splits and strategies of the largest stage memory (exact DP)."""
-    pp, c, L = problem.pp, problem.microbatches, problem.num_layers
-    if L < pp:
-        return float("inf")
-    # per stage, each layer's smallest footprint there (strategies are free per layer)
-    best = np.full(L + 1, np.inf)
-    best[0] = 0.0
-    for i in range(pp):
-        f = in_flight(problem.schedule, pp, c, i)
-        m = np.array([float(np.min(np.asarray(problem.mem_fixed[u]) + f * np.asarray(problem.mem_act[u])))
-                      for u in range(L)])
-        Mc = np.concatenate([[0], np.cumsum(m)])
-        seg = Mc[None, :] - Mc[:, None]
-        cand = np.maximum(best[:, None], seg)
-        cand[np.tril_indices(L + 1)] = np.inf  # stages are non-empty
-        best = cand.min(axis=0)
-    return float(best[L])
+Incumbents = Sequence[Assignment] | Callable[[Candidate], Assignment | None]
 
 
 def search(make_problem: Callable[[int, int, str], Problem | None], candidates: list[Candidate], *,
-           time_limit_s: float = 60, progress: Callable[[str], None] | None = None,
-           method: str = "miqp", mip_gap: float = 1e-4, incumbents: Sequence[Assignment] = ()) -> SearchResult:
+           time_limit_s: float = 60, deadline: float | None = None, progress: Callable[[str], None] | None = None,
+           method: str = "miqp", mip_gap: float = 1e-4, incumbents: Incumbents = (),
+           dominated: Mapping[Candidate, Candidate] | None = None,
+           bound_problem: Callable[[int, int, str], Problem | None] | None = None,
+           costly: Callable[[Candidate], bool] | None = None) -> SearchResult:
     """Best plan over the candidates; see module doc. method: "miqp" | "exhaustive".
 
-    `incumbents` are scored after the candidates are solved and neither prune candidates nor cut off
-    MILPs, so the candidates visited and their solutions are the same with or without them."""
+    `deadline`: a time.perf_counter() value the search returns by (default now + time_limit_s).
+    `dominated`: candidate -> a candidate claimed never slower; the claim is checked on the arrays.
+    `bound_problem`: a cheaper Problem per candidate whose lower bound is also one of make_problem's
+    (e.g. a bubble share below the schedule's); make_problem then runs only for visited candidates.
+    `costly(candidate)`: its make_problem takes long; past the deadline with no plan yet, the first
+    candidate tried is a cheap one.
+    `incumbents` (assignments, or a function giving one for a visited candidate) are scored after the
+    candidates are solved and neither prune candidates nor cut off MILPs, so the candidates visited
+    and their solutions are the same with or without them."""
     if method not in ("miqp", "exhaustive"):
         raise ValueError(f"unknown method {method!r}; use 'miqp' or 'exhaustive'")
     say = progress or (lambda _msg: None)
     t0 = time.perf_counter()
+    end = deadline if deadline is not None else t0 + time_limit_s
+    dominated = dict(dominated or {})
+    results: dict[Candidate, CandidateResult] = {}
+    problems: dict[Candidate, Problem] = {}  # exact problems, built on first use
+
+    def exact(cand: Candidate) -> Problem:
+        if cand not in problems:
+            problems[cand] = make_problem(*cand)
+        return problems[cand]
+
     items = []
-    results: list[CandidateResult] = []
     limit = float("inf")
     for cand in candidates:
-        problem = make_problem(*cand)
+        problem = (bound_problem or make_problem)(*cand)
         if problem is None:
-            results.append(CandidateResult(cand, float("inf"), "skipped"))
+            results[cand] = CandidateResult(cand, float("inf"), "skipped")
             continue
+        if bound_problem is None:
+            problems[cand] = problem
         limit = problem.memory_limit
-        items.append((lower_bound(problem), cand, problem))
-    items.sort(key=lambda it: (it[0], it[1][0], it[1][1]))
+        # a quick bound orders the candidates; the full one is computed when a candidate's turn comes.
+        # Past the deadline no bound is proven: 0 bounds every iteration time
+        bounded = time.perf_counter() < end
+        bound = lower_bound(problem, quick=True) if bounded else 0.0
+        items.append((bound, cand in dominated, cand, problem, bounded))
+    # unbounded candidates (the deadline came first) go last: a candidate known to be good is the one
+    # tried for a plan at all
+    # A costly candidate's cheap bound can sit far below its optimum (zb-auto's bubble share is
+    # bounded by 0): it is visited in the order of the candidate it dominates, whose bound is close
+    # to its own optimum. Only the order changes; pruning reads the valid bounds.
+    quick = {it[2]: it[0] for it in items}
+    order = {worse_: quick[worse_] for worse_, better in dominated.items() if worse_ in quick
+             and better in quick and costly is not None and costly(better)}
+    rank = {better: max(quick[better], order[worse_]) for worse_, better in dominated.items() if worse_ in order}
+    late = time.perf_counter() >= end and costly is not None  # no time left: try a cheap candidate first
+
+    def key(bound: float, it) -> tuple:
+        return (late and bool(costly(it[2])), not it[4], max(rank.get(it[2], bound), bound), it[1],
+                it[2][0], it[2][1])
+
+    # best bound first, lazily: a candidate's full bound (the stage-split DP) is computed when it
+    # reaches the front, and it goes back into the queue when that bound puts it behind another
+    queue = [(key(it[0], it), n, it) for n, it in enumerate(items)]
+    heapq.heapify(queue)
+    known = {it[2] for it in items}
+    tightened: set[Candidate] = set()
     best: tuple[Solution, Problem, Candidate] | None = None
-    open_bounds: list[float] = []  # bounds of candidates neither solved to optimality nor pruned
-    pruned = 0
-    for n_done, (bound, cand, problem) in enumerate(items):
+    visited: list[Candidate] = []
+    while queue:
+        _, n, it = heapq.heappop(queue)
+        bound, _, cand, cheap, _ = it
         label = f"pp={cand[0]} mb={cand[1]} {cand[2]}"
+        if cand not in tightened and time.perf_counter() < end:
+            tightened.add(cand)
+            bound = max(bound, lower_bound(cheap))
+            it = (bound,) + it[1:]
+            if queue and key(bound, it) > queue[0][0]:
+                heapq.heappush(queue, (key(bound, it), n, it))
+                continue
         if not np.isfinite(bound):
-            results.append(CandidateResult(cand, bound, "infeasible", None, min_memory(problem)))
-            say(f"{label}: does not fit memory")
+            results[cand] = CandidateResult(cand, bound, "infeasible", None, min_memory(cheap))
             continue
-        if best is not None and bound >= best[0].objective * (1 - 1e-9):
-            pruned += 1
-            results.append(CandidateResult(cand, bound, "pruned"))
+        dom = dominated.get(cand)
+        if (dom in results and dom in problems and results[dom].outcome != "infeasible"
+                and _dominates(problems[dom], exact(cand))):
+            outcome = "dominated" if results[dom].outcome != "cut" else "cut"
+            results[cand] = CandidateResult(cand, max(bound, results[dom].bound), outcome)
             continue
-        left = time_limit_s - (time.perf_counter() - t0)
+        if best is not None and bound >= best[0].objective * (1 - mip_gap):
+            results[cand] = CandidateResult(cand, bound, "pruned")
+            continue
+        if bound_problem is not None and best is not None and time.perf_counter() < end:
+            # the exact problem may bound tighter than the cheap one (its bubble share is known now):
+            # a MILP saved for the price of its arrays
+            bound = max(bound, lower_bound(exact(cand)))
+            if bound >= best[0].objective * (1 - mip_gap):
+                results[cand] = CandidateResult(cand, bound, "pruned")
+                continue
+        left = end - time.perf_counter()
+        if left <= 0 and (best is not None or (costly is not None and costly(cand) and any(
+                np.isfinite(e[2][0]) and not costly(e[2][2]) for e in queue))):
+            results[cand] = CandidateResult(cand, bound, "cut")
+            continue
+        # with no plan at all yet the best-bound candidate is still tried: its heuristic takes a
+        # fraction of a second and HiGHS gets its minimum, a small overrun rather than no plan
+        problem = exact(cand)
         if method == "exhaustive":
             sol = exhaustive(problem)
         else:
             # share what is left among the candidates still to visit, but give this one most of it:
             # the best-bound candidate is usually the winner
-            share = max(left / max(1, min(3, len(items) - n_done)), 0.5)
+            share = max(min(max(left / max(1, min(3, len(queue) + 1)), 0.5), left), 0.0)
             cutoff = best[0].objective if best is not None else None
             sol = solve(problem, time_limit_s=share, mip_gap=mip_gap, cutoff=cutoff)
-        if sol.status == "infeasible" and not sol.stage_of:
-            results.append(CandidateResult(cand, float("inf"), "infeasible", sol, min_memory(problem)))
+        visited.append(cand)
+        if sol.status == "infeasible":
+            results[cand] = CandidateResult(cand, float("inf"), "infeasible", sol, min_memory(problem))
             say(f"{label}: infeasible")
             continue
-        results.append(CandidateResult(cand, bound, "solved", sol))
-        if sol.gap > 0 and np.isfinite(sol.gap):
-            open_bounds.append(sol.objective * (1 - sol.gap))
-        if best is not None and sol.objective >= best[0].objective:
-            say(f"{label}: cannot beat {best[0].objective:.4g} s ({sol.seconds:.2f} s)")
+        floor = max(bound, sol.bound)
+        proven = sol.status in ("optimal", "cutoff")
+        results[cand] = CandidateResult(cand, floor, "solved" if proven else "cut", sol)
+        if not sol.stage_of:
+            say(f"{label}: cannot beat {cutoff:.4g} s ({sol.seconds:.2f} s)" if proven else
+                f"{label}: no plan within the time limit ({sol.seconds:.2f} s)")
+            continue
+        if sol.status == "cutoff":
+            say(f"{label}: {sol.objective:.4g} s, proven not to beat {cutoff:.4g} s ({sol.seconds:.2f} s)")
         else:
             say(f"{label}: {sol.objective:.4g} s ({sol.status}, gap {sol.gap:.2%}, {sol.seconds:.2f} s)")
-        if sol.stage_of and (best is None or sol.objective < best[0].objective):
+        if best is None or sol.objective < best[0].objective:
             best = (sol, problem, cand)
+    ordered = [results[c] for c in candidates if c in results]
+    considered = len(items)
+    pruned = sum(r.outcome in ("pruned", "dominated") for r in ordered)
     if best is None:
-        need = min((r.min_memory for r in results if r.outcome == "infeasible"), default=float("inf"))
-        return SearchResult(None, None, None, len(items), pruned, results, need, limit)
+        need = min((r.min_memory for r in ordered if r.outcome == "infeasible"), default=float("inf"))
+        return SearchResult(None, None, None, considered, pruned, ordered, need, limit)
     sol, problem, cand = best
-    # the gap of the whole search: no unfinished candidate may hide a better plan than its bound
-    floor = min([sol.objective * (1 - sol.gap)] + open_bounds)
-    gap = _relative_gap(sol.objective, floor)
-    problems = {c: p for _, c, p in items}
-    for incumbent in incumbents:
-        if incumbent.candidate not in problems:
+    floor = min(r.bound for r in ordered if r.outcome != "skipped")
+    for incumbent in _incumbents(incumbents, visited):
+        if incumbent.candidate not in known:
             raise ValueError(f"incumbent for {incumbent.candidate}, which is not a candidate of this search")
-        inc_problem = problems[incumbent.candidate]
+        inc_problem = exact(incumbent.candidate)
         ev = evaluate(inc_problem, incumbent.stage_of, incumbent.strategy_of)
         if ev.feasible and ev.iteration_s < sol.objective * (1 - 1e-12):
             sol = replace(sol, stage_of=tuple(incumbent.stage_of), strategy_of=tuple(incumbent.strategy_of),
                           objective=ev.iteration_s)
             problem, cand = inc_problem, incumbent.candidate
-            # iteration times are never negative: where some candidate proved no bound (floor -inf),
-            # 0 still bounds the incumbent, whose gap is then 100 % rather than unbounded
-            gap = _relative_gap(sol.objective, max(floor, 0.0))
-    sol = replace(sol, gap=gap, status="optimal" if gap <= mip_gap + 1e-9 else "time_limit",
+    gap = relative_gap(sol.objective, floor)
+    sol = replace(sol, gap=gap, bound=floor, status="optimal" if gap <= mip_gap + 1e-9 else "time_limit",
                   seconds=time.perf_counter() - t0)
-    return SearchResult(sol, problem, cand, len(items), pruned, results, memory_limit=limit)
+    return SearchResult(sol, problem, cand, considered, pruned, ordered, memory_limit=limit, floor=floor)
 
 
-def _relative_gap(objective: float, floor: float) -> float:
-    return max(0.0, (objective - floor) / objective) if objective > 0 else 0.0
+def _incumbents(incumbents: Incumbents, visited: list[Candidate]):
+    if callable(incumbents):
+        return [a for a in (incumbents(c) for c in visited) if a is not None]
+    return list(incumbents)
+
+
+def _dominates(better: Problem | None, worse: Problem) -> bool:
+    """`better` is never slower than `worse` for any assignment: the same arrays and edges, a bubble
+    share no larger, and no stage holding more microbatches of activations (so no less memory fits)."""
+    if better is None or better.pp != worse.pp or better.microbatches != worse.microbatches:
+        return False
+    same = all(_same(getattr(better, name), getattr(worse, name)) for name in
+               ("fwd", "bwd", "wgt", "sync", "mem_fixed", "mem_act", "mem_peak", "mem_work", "mem_grad"))
+    same = same and len(better.edges) == len(worse.edges) and all(
+        (a.src, a.dst) == (b.src, b.dst) and _same((a.reshard, a.send), (b.reshard, b.send))
+        for a, b in zip(better.edges, worse.edges))
+    split_ok = (not better.split and not worse.split) or (
+        bool(better.split) and bool(worse.split) and all(np.array_equal(a, b) for a, b in zip(better.split, worse.split)))
+    return (same and split_ok and better.memory_limit == worse.memory_limit
+            and better.bubble_share <= worse.bubble_share + 1e-12
+            and all(better.in_flight(i) <= worse.in_flight(i) for i in range(worse.pp)))
+
+
+def _same(xs, ys) -> bool:
+    return len(xs) == len(ys) and all(x is y or np.array_equal(x, y) for x, y in zip(xs, ys))
+
+
+def relative_gap(objective: float, floor: float) -> float:
+    """(objective - floor) / objective, unclamped: a negative value would expose an invalid bound.
+    Rounding noise of the bound's arithmetic (1e-9 relative) reads as 0."""
+    if objective <= 0:
+        return 0.0
+    gap = (objective - floor) / objective
+    return 0.0 if abs(gap) < 1e-9 else gap

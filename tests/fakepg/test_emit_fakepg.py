@@ -3,7 +3,6 @@ local shapes, and that the forward (and backward) run with those shapes. No real
 
 from __future__ import annotations
 
-import contextlib
 import re
 
 import pytest
@@ -12,9 +11,7 @@ import torch.distributed as dist
 
 import codegen_fixtures as fx_
 from fxplan.codegen.emit import emit_rank
-from fxplan.codegen.groups import required_group_keys
 from fxplan.runtime.collectives import GRAPH_OPS
-from fxplan.runtime.comm import Communicator
 
 WORLD = 8
 
@@ -24,20 +21,6 @@ def gpt():
     return fx_.setup(spec="gpt:layers=2,hidden=64,heads=8,seq=8,vocab=64", tp_degrees=(4, WORLD))
 
 
-@pytest.fixture
-def fake_pg():
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    with contextlib.ExitStack() as installed:
-        def start(rank, plan):
-            """Join the fake group as `rank`; a communicator with the plan's groups, installed."""
-            dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=WORLD)
-            comm = installed.enter_context(Communicator().installed())
-            comm.groups.create(required_group_keys(plan))
-            return comm
-        yield start
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def _code(prog) -> str:

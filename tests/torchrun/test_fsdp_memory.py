@@ -1,6 +1,6 @@
 """FSDP is ZeRO-3 while it computes: measured per-rank peak of a train step + Adam step vs dp.
 
-A parameter-heavy GPT (16 blocks of hidden 1024, about 210 M parameters, built on meta), batch 8,
+A parameter-heavy GPT (12 blocks of hidden 384, about 22 M parameters, built on meta), batch 8,
 4 gloo ranks (tests/torchrun/workers/fsdp_memory_worker.py: peak RSS above the pre-distribute RSS,
 with glibc's mmap threshold pinned so that freed tensors leave RSS). dp holds weights, gradients
 and Adam state whole; ZeRO-3 holds a quarter of them plus the gathered layers in flight, so it
@@ -9,12 +9,11 @@ must stay under 0.40x dp's peak; keeping the gathered layers for the step costs 
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 
-from fxplan.runtime.launch import run_torchrun
+from fxplan.runtime.launch import run_torchrun, tagged
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers", "fsdp_memory_worker.py")
 ENV = {"FXPLAN_TIMEOUT_S": "120", "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -25,7 +24,7 @@ ENV = {"FXPLAN_TIMEOUT_S": "120", "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD
 def test_zero3_peak_is_under_four_tenths_of_dp_and_keep_between():
     proc = run_torchrun(WORKER, 4, ["dp4,dp4-fsdp,dp4-fsdp-keep"], timeout_s=300, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    rows = tagged(proc.stdout)
     peak = {}
     for r in rows:
         assert r["reset"], "VmHWM could not be reset"

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 
-from fxplan.runtime.launch import run_torchrun
+from fxplan.runtime.launch import run_torchrun, tagged
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "workers", "memory_probe_worker.py")
@@ -14,7 +13,7 @@ WORKER = os.path.join(HERE, "workers", "memory_probe_worker.py")
 def test_probe_counts_weights_grads_adam_state_and_transients():
     proc = run_torchrun(WORKER, 2, timeout_s=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    rows = tagged(proc.stdout)
     assert len(rows) == 2
     weight = 512 * 512 * 4  # one Linear(512, 512) in fp32
     params = 3 * weight

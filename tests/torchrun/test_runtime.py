@@ -118,6 +118,31 @@ def test_meta_model_materialises_per_module_deterministically():
     assert all(float(v.abs().sum()) == 0 for v in c.state_dict().values())
 
 
+def test_meta_buffers_keep_what_the_initialiser_sets_non_persistent_ones_too():
+    # A rotary table is a non-persistent buffer a model's initialiser fills (as Hugging Face's
+    # _init_weights does): the ranks and full_model() both hold its values, not zeros or garbage.
+    class Rotary(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("inv_freq", torch.empty(4), persistent=False)
+            self.register_buffer("untouched", torch.empty(2))
+            self.proj = torch.nn.Linear(4, 4)
+
+    def init_fn(module):
+        if isinstance(module, Rotary):
+            module.inv_freq.copy_(torch.tensor([1.0, 0.1, 0.01, 0.001]))
+        elif isinstance(module, torch.nn.Linear):
+            module.reset_parameters()
+
+    with torch.device("meta"):
+        model = Rotary()
+    real = materialize.full_model(model, init_fn)
+    assert torch.equal(real.inv_freq, torch.tensor([1.0, 0.1, 0.01, 0.001]))
+    assert torch.equal(real.untouched, torch.zeros(2))  # no initialiser: zeros on every rank
+    shard = dict(materialize.full_values(model, ["inv_freq", "untouched"], init_fn))
+    assert torch.equal(shard["inv_freq"], real.inv_freq) and torch.equal(shard["untouched"], real.untouched)
+
+
 def test_meta_module_without_initialiser_is_refused():
     class Scale(torch.nn.Module):
         def __init__(self):

@@ -16,17 +16,19 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = {"fxplan": "fxplan", "passes": "fxplan.passes", "codegen": "fxplan.codegen", "models": "fxplan.models"}
 MAX_LINES = 450
 
-LEAVES = {"fxplan.plan", "fxplan.cluster", "fxplan.constraints", "fxplan.errors", "fxplan._torch"}
+LEAVES = {"fxplan.plan", "fxplan.plan_schema", "fxplan.cluster", "fxplan.calibration", "fxplan.constraints", "fxplan.errors",
+          "fxplan._torch"}
 # what codegen may read of passes: the values passed between passes and the redistribution rules
 PASSES_IR = {"fxplan.passes.ir", "fxplan.passes.sharding.redistribute"}
 # Cluster.local() is a Cluster constructor by the public contract and measures this host when called;
 # the measurement (runtime/probe.py) is the one thing a leaf value reaches upward for.
 LEAF_EXCEPTIONS = {("fxplan.cluster", "fxplan.runtime.probe")}
 ALLOWED = {  # folder -> the folders it may import, besides the leaves and itself
-    "front": {"passes", "codegen", "runtime", "models"},
-    "runtime": {"codegen"},
+    "front": {"passes", "codegen", "runtime", "models", "schedules"},
+    "runtime": {"codegen", "schedules"},
     "codegen": {"passes-ir"},
-    "passes": set(),
+    "passes": {"schedules"},
+    "schedules": set(),  # pipeline action lists and their simulator: plain Python, no torch
     "models": set(),
     "leaf": set(),
 }
@@ -56,7 +58,7 @@ def folder_of(module: str) -> str:
         return "leaf"
     if module in PASSES_IR:
         return "passes-ir"
-    for prefix, folder in (("fxplan.runtime", "runtime"), ("fxplan.passes", "passes"),
+    for prefix, folder in (("fxplan.runtime", "runtime"), ("fxplan.passes", "passes"), ("fxplan.schedules", "schedules"),
                            ("fxplan.codegen", "codegen"), ("fxplan.models", "models")):
         if module == prefix or module.startswith(prefix + "."):
             return folder
@@ -153,13 +155,20 @@ def test_no_import_cycles_between_files():
 
 def test_the_solver_imports_no_torch():
     for module, targets in GRAPH.items():
+        if module.startswith("fxplan.schedules"):  # the solver reads schedules' lists: no torch there either
+            tree = ast.parse(MODULES[module].read_text())
+            roots = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                     for alias in node.names}
+            roots |= {(node.module or "").split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+            assert "torch" not in roots, module
         if module.startswith("fxplan.passes.solve"):
             tree = ast.parse(MODULES[module].read_text())
             roots = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
                      for alias in node.names}
             roots |= {(node.module or "").split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
             assert "torch" not in roots, module
-            assert all(t.startswith("fxplan.passes.solve") or t in LEAVES - {"fxplan._torch"} for t in targets), (
+            assert all(t.startswith(("fxplan.passes.solve", "fxplan.schedules")) or t in LEAVES - {"fxplan._torch"}
+                       for t in targets), (
                 module, targets)
 
 

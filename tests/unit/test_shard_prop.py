@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxplan.passes.coarsen import coarsen
-from fxplan.passes.ir import P, R, Shard, TensorMeta
+from fxplan.passes.ir import P, R, Shard, TensorMeta, op_name
 from fxplan.passes.sharding.redistribute import Layout, consume_steps, layout_steps, steps_comms, tensor_steps, transition
 from fxplan.passes.sharding.shard_prop import build_strategy_space
 from fxplan.passes.trace import trace
@@ -64,8 +64,10 @@ def _weights(traced, layer, spec):
 def test_gpt_block_column_then_row_emerges(tp):
     traced, graph, space = _space(Stack(Block))
     layer = _block_layers(graph)[0]
-    specs = space.for_layer(layer.index, tp)
-    assert len(specs) <= 6 and len({s.label for s in specs}) == len(specs)
+    every = space.for_layer(layer.index, tp)
+    assert len({s.label for s in every}) == len(every)
+    specs = [s for s in every if not s.label.startswith("sp:")]  # (sequence-parallel twins: their own test)
+    assert len(specs) <= 6
     full = [s for s in specs if all(isinstance(p, Shard) for p in _weights(traced, layer, s))]
     assert full, [s.label for s in specs]
     best = min(full, key=lambda s: sum(c.nbytes for c in s.comms))
@@ -245,3 +247,70 @@ def test_layout_steps_shared_weight_gradient_convention():
     assert (dp_grad.bwd, dp_grad.group, dp_grad.scale) == ("all_reduce", 2, 0.25)
     comms = steps_comms(steps, w)
     assert all(not c.per_sample for c in comms)
+
+
+# ---------------------------------------------------------------- rules that must not cut a dim they reorder
+
+
+class _GluAndCausal(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(C, 3 * C)
+
+    def forward(self, x):
+        b, t, c = x.shape
+        q, k, v = (y.view(b, t, H, c // H).transpose(1, 2) for y in self.qkv(x).chunk(3, dim=-1))
+        causal = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        full = F.scaled_dot_product_attention(q, k, v)
+        return F.glu(causal.transpose(1, 2).reshape(b, t, c), dim=-1).sum() + full.sum()
+
+
+def _strategies_of(fn_name: str, tp: int = 4):
+    from fxplan.passes.sharding.op_rules import strategies
+
+    traced = trace(_GluAndCausal(), (torch.randn(B, T, C),))
+    nodes = [n for n in traced.gm.graph.nodes if n.op == "call_function" and op_name(n) == fn_name]
+    return [strategies(n, tp) for n in nodes], nodes
+
+
+def test_glu_is_never_cut_along_the_dim_it_halves():
+    # glu(x, -1) pairs element i with element i + n/2: a shard of x along -1 holds neither pair whole
+    (res,), (node,) = _strategies_of("glu")
+    last = len(node.meta["val"].shape) - 1
+    assert not any(s.out == Shard(last) or Shard(last) in s.args for s in res)
+    assert any(s.out == Shard(1) for s in res)  # the sequence (any other dim) still shards
+
+
+def test_causal_attention_never_shards_the_query_sequence_alone():
+    # a causal mask counts query positions from 0: on a query shard of the sequence it would mask
+    # against the shard's own positions, not the whole sequence's
+    (causal, full), _ = _strategies_of("scaled_dot_product_attention")
+    seq = lambda res: [s for s in res if s.out == Shard(2)]  # noqa: E731
+    assert seq(full) and not seq(causal)
+    assert any(s.out == Shard(1) for s in causal)  # heads still shard
+
+
+class _MovesAlongTheSequence(nn.Module):
+    """Ops that slice, shift, pad, reorder or pick along dim 1 (HF's shifted logits among them)."""
+
+    def forward(self, x):
+        b, t, c = x.shape
+        idx = torch.arange(t - 1, device=x.device)
+        ys = [x[:, :-1], x[..., 1:, :], x.narrow(1, 1, t - 1), torch.roll(x, 1, 1), x.flip(1),
+              F.pad(x, (0, 0, 0, 1)), torch.cat([x, x[:, :1]], 1), x.index_select(1, idx),
+              torch.gather(x, 1, idx.view(1, -1, 1).expand(b, -1, c)), x[:, -1]]
+        return sum(y.sum() for y in ys)
+
+
+def test_no_rule_keeps_a_shard_of_the_dim_it_slices_shifts_or_reorders():
+    # a shard's slice / roll / pad is not the shard of the whole's: rank i's x[:, :-1] drops its own
+    # last position, not the sequence's. The dim must be gathered first (only the replicated form).
+    from fxplan.passes.sharding.op_rules import strategies
+
+    traced = trace(_MovesAlongTheSequence(), (torch.randn(B, T, C),))
+    x = next(n for n in traced.gm.graph.nodes if n.op == "placeholder")
+    moved = [u for u in x.users if op_name(u) not in ("sym_size", "size")]
+    assert len(moved) >= 9, [op_name(u) for u in moved]
+    for node in moved:
+        for s in strategies(node, 4):
+            assert s.args[node.all_input_nodes.index(x)] != Shard(1), (node.format_node(), s)

@@ -28,6 +28,7 @@ from fxplan.codegen.params import unshard_ranks  # noqa: E402
 from fxplan.runtime.collectives import GRAPH_OPS  # noqa: E402
 from fxplan.runtime.comm import Communicator  # noqa: E402
 from fxplan.plan import Strategy  # noqa: E402
+from fxplan.runtime.launch import say
 
 
 def check(name, comm, plan, model, inputs, traced, lg, space):
@@ -66,7 +67,7 @@ def check(name, comm, plan, model, inputs, traced, lg, space):
             torch.testing.assert_close(full, ref_grads[s0.name], rtol=1e-4, atol=1e-5, msg=f"{name}: {s0.name}")
             checked.add(s0.name)
         assert checked == set(ref_grads), (name, set(ref_grads) - checked)
-        print(f"CASE {name} ok", flush=True)
+        say(f"CASE {name} ok")
     dist.barrier()
     return ran
 
@@ -103,7 +104,7 @@ def recompute_cases(comm, model, inputs, traced, lg, space):
         assert calls(rc, "fwd") > calls(base, "fwd"), (name, calls(rc, "fwd"), calls(base, "fwd"))
         assert calls(rc, "bwd") == calls(base, "bwd"), (name, calls(rc, "bwd"), calls(base, "bwd"))
         if dist.get_rank() == 0:
-            print(f"CASE {name}_rc collectives fwd {calls(base, 'fwd')} -> {calls(rc, 'fwd')}", flush=True)
+            say(f"CASE {name}_rc collectives fwd {calls(base, 'fwd')} -> {calls(rc, 'fwd')}")
 
 
 def fsdp_paths(comm, model, inputs, traced, lg, space):
@@ -158,7 +159,7 @@ def fsdp_paths(comm, model, inputs, traced, lg, space):
     for a, p, g in zip(attrs, shards, synced):
         torch.testing.assert_close(p.grad, g, msg=a)
     if dist.get_rank() == 0:
-        print("CASE fsdp_paths ok", flush=True)
+        say("CASE fsdp_paths ok")
     dist.barrier()
 
 

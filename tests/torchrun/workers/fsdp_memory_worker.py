@@ -17,6 +17,7 @@ import gc
 import json
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -27,14 +28,19 @@ import fxplan  # noqa: E402
 from fxplan.models import build  # noqa: E402
 from fxplan.runtime.process import init_default_group  # noqa: E402
 from runtime_meta_worker import _reset_peak, _status  # noqa: E402
+from fxplan.runtime.launch import say  # noqa: E402
 
-SPEC = os.environ.get("FXPLAN_MEMORY_SPEC", "gpt:layers=16,hidden=1024,heads=16,seq=64,vocab=8192")
+# 12 blocks of hidden 384 (22 M parameters): weights, gradients and Adam state dominate as in a
+# 210 M GPT (FXPLAN_MEMORY_SPEC="gpt:layers=16,hidden=1024,heads=16,seq=64,vocab=8192"), whose dp
+# peak is 4 ranks x 3.3 GB: beside other jobs on a small CI host that one runs out of memory.
+SPEC = os.environ.get("FXPLAN_MEMORY_SPEC", "gpt:layers=12,hidden=384,heads=6,seq=32,vocab=2048")
 BATCH = 8
 PLANS = {"dp4": dict(fsdp=False), "dp4-fsdp": dict(fsdp=True, reshard=True),
          "dp4-fsdp-keep": dict(fsdp=True, reshard=False)}
 
 
 def measure(name: str) -> dict:
+    start = time.perf_counter()
     model = build(SPEC, device="meta")
     example = model.example_batch(BATCH, device="meta")
     # Every field is pinned and memory is what this test measures: the planner's memory limit must
@@ -43,9 +49,11 @@ def measure(name: str) -> dict:
     roomy = dataclasses.replace(fxplan.Cluster.local(world_size=4), memory_bytes=64 * 2**30)
     compiled = fxplan.compile(model, example, cluster=roomy, constraints=pins,
                               verbose=False)
+    planned = time.perf_counter()
     gc.collect()
     base = _status("VmRSS")  # what planning left behind (imports, solver) is no tensor of the step
     runner = compiled.distribute()
+    distributed = time.perf_counter()
     opt = torch.optim.Adam(runner.parameters(), lr=1e-4)
     batch = model.example_batch(BATCH, device="cpu", generator=torch.Generator().manual_seed(3))
     losses = []
@@ -58,9 +66,11 @@ def measure(name: str) -> dict:
         losses.append(float(runner.train_step(*batch)))
         opt.step()
     peak = _status("VmHWM") if reset else _status("VmRSS")
+    seconds = {"plan": planned - start, "distribute": distributed - planned,
+               "steps": time.perf_counter() - distributed}
     result = {"plan": name, "rank": dist.get_rank(), "peak": peak - base, "before": before - base,
               "reset": reset, "losses": losses, "local_numel": sum(p.numel() for p in runner.parameters()),
-              "estimate": compiled.plan.stages[0].estimated_memory_bytes,
+              "seconds": seconds, "estimate": compiled.plan.stages[0].estimated_memory_bytes,
               "strategies": sorted({str(s) for s in compiled.plan.stages[0].strategies.values()})}
     del runner, opt, compiled, model
     gc.collect()
@@ -75,7 +85,7 @@ def main() -> None:
         dist.all_gather_object(rows, measure(name))  # one printer: lines of 4 ranks never interleave
         if dist.get_rank() == 0:
             for row in rows:
-                print("RESULT " + json.dumps(row), flush=True)
+                say("RESULT " + json.dumps(row))
     dist.destroy_process_group()
 
 

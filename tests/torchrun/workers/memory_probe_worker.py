@@ -22,6 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 from memory_probe import Probe, train_steps  # noqa: E402
+from fxplan.runtime.launch import say
 
 WIDTH, DEPTH, ROWS = 512, 3, 2
 
@@ -48,8 +49,8 @@ def main() -> None:
             block = torch.empty(1_000_000)
             del block
     del kept
-    print("RESULT " + json.dumps(dict(rank=dist.get_rank(), start=probe.start_bytes, peak=probe.peak_bytes,
-                                      second_start=second.start_bytes, second_peak=second.peak_bytes)), flush=True)
+    say("RESULT " + json.dumps(dict(rank=dist.get_rank(), start=probe.start_bytes, peak=probe.peak_bytes,
+                                      second_start=second.start_bytes, second_peak=second.peak_bytes)))
     dist.destroy_process_group()
 
 

@@ -19,6 +19,7 @@ import fxplan
 from fxplan.runtime.process import init_default_group
 from fxplan.errors import DistributedSetupError
 from fxplan.models import build
+from fxplan.runtime.launch import say
 
 BATCH = 16
 
@@ -26,9 +27,9 @@ BATCH = 16
 def check(name: str, fn) -> None:
     try:
         fn()
-        print(f"CHECK {name} rank{dist.get_rank()} no-error", flush=True)
+        say(f"CHECK {name} rank{dist.get_rank()} no-error")
     except DistributedSetupError as exc:
-        print(f"CHECK {name} rank{dist.get_rank()} ok {exc}", flush=True)
+        say(f"CHECK {name} rank{dist.get_rank()} ok {exc}")
 
 
 def main() -> None:
@@ -52,14 +53,14 @@ def main() -> None:
 
     runner = good.distribute()
     loss = float(runner.train_step(*batch))  # one good step first
-    print(f"GOOD rank{rank} {loss!r} {float(model(*batch))!r}", flush=True)
+    say(f"GOOD rank{rank} {loss!r} {float(model(*batch))!r}")
     if rank == 1:
         def boom(module, args):
             raise RuntimeError("injected failure on purpose")
         runner.gm.register_forward_pre_hook(boom)
-    print(f"STEP2 rank{rank}", flush=True)
+    say(f"STEP2 rank{rank}")
     float(runner.train_step(*batch))
-    print(f"UNREACHED rank{rank}", flush=True)
+    say(f"UNREACHED rank{rank}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ saw, and the collectives the three steps executed (runner.count_collectives(), c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -28,14 +29,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "support"))
 
 import fxplan  # noqa: E402
 from fxplan.demo import train_beside_one_device  # noqa: E402
-from fxplan.plan import Plan, Stage, Strategy  # noqa: E402
+from fxplan.plan import Plan, Strategy  # noqa: E402
+from fxplan.passes.solve.schedule_terms import SPLIT_BACKWARD  # noqa: E402
 from fxplan.runtime import materialize  # noqa: E402
 from toy_blocks import LossOf  # noqa: E402
+from fxplan.runtime.launch import say
 
 BATCH, STEPS, LR = 16, 3, 0.05
 WORLD = 4
@@ -195,10 +199,25 @@ def mixed(compiled) -> Plan:
     return _restrategize(compiled, choose)
 
 
+def tied_layouts(compiled, fsdp: bool) -> Plan:
+    """pp=2 with the stages laid out differently: dp2 (FSDP or not) on the first, Megatron tp2 on the
+    second, so a weight tied across them (GPT's embedding/head) is stored in different pieces."""
+    first = set(compiled.plan.stages[0].layers)
+
+    def choose(i, name, s):
+        if name in first:
+            return Strategy(dp=2, tp=1, fsdp=fsdp)
+        return Strategy(dp=1, tp=2, spec=_best_tp_spec(compiled, name, 2))
+
+    return _restrategize(compiled, choose)
+
+
 def make_plan(name: str, model, batch):
     """-> (Compiled, expected per-layer (dp, tp) summary) for one named plan of the matrix."""
     if name == "dp4":
         return _compile(model, batch, pp=1, dp=4, tp=1, fsdp=False, microbatches=2)
+    if name == "tp4-pinned":  # the planner's own choice under the pin: it must divide the work
+        return _compile(model, batch, pp=1, dp=1, tp=4, fsdp=False, microbatches=2)
     if name == "tp4":
         base = _compile(model, batch, pp=1, dp=1, tp=4, fsdp=False, microbatches=2)
         return _compile(model, batch, plan=real_tp(base))
@@ -223,6 +242,9 @@ def make_plan(name: str, model, batch):
         return _compile(model, batch, plan=mixed(base))
     if name == "free":
         return _compile(model, batch, recompute=False)
+    if name in ("pp2-tied-dp-tp", "pp2-tied-fsdp-tp"):
+        return _compile(model, batch, plan=tied_layouts(_compile(model, batch, pp=2, microbatches=2,
+                                                                  schedule="1f1b"), fsdp=name.endswith("fsdp-tp")))
     raise SystemExit(f"unknown plan {name}")
 
 
@@ -252,6 +274,28 @@ class RowCounter(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+class StepFlops:
+    """FLOPs of every step (torch's FlopCounterMode: aten ops as dispatched, backward included)."""
+
+    def __init__(self):
+        self.steps: list[int] = []
+
+    @contextlib.contextmanager
+    def __call__(self):
+        mode = FlopCounterMode(display=False)
+        with mode:
+            yield
+        self.steps.append(int(mode.get_total_flops()))
+
+
+def one_device_flops(model: nn.Module, batch: tuple) -> int:
+    """FLOPs of forward + backward of one global batch on one device (a copy of the model)."""
+    mode = FlopCounterMode(display=False)
+    with mode:
+        copy.deepcopy(model)(*batch).backward()
+    return int(mode.get_total_flops())
+
+
 def run_plan(model_name: str, plan_name: str) -> dict:
     rank = dist.get_rank() if dist.is_initialized() else int(os.environ["RANK"])
     model = build(model_name)
@@ -264,9 +308,20 @@ def run_plan(model_name: str, plan_name: str) -> dict:
     plan = compiled.plan
     runner = compiled.distribute(init_fn=init_fn)
     initial = _digest(runner.full_state_dict())
-    counter = RowCounter()
+    counter, flops = RowCounter(), StepFlops()
+    ref_flops = one_device_flops(reference, data[0])
+
+    # FlopCounterMode's module tracker puts multi-grad hooks on module outputs, which torch's
+    # input-only backward (autograd.grad over a split I pass) refuses: count FLOPs where backward is fused
+    count_flops = plan.schedule not in SPLIT_BACKWARD
+
+    @contextlib.contextmanager
+    def around_step():
+        with counter, (flops() if count_flops else contextlib.nullcontext()):
+            yield
+
     with runner.count_collectives() as ran:
-        losses, ref_losses = train_beside_one_device(runner, reference, data, lr=LR, around_step=lambda: counter)
+        losses, ref_losses = train_beside_one_device(runner, reference, data, lr=LR, around_step=around_step)
     counts = [[k[0], k[1], k[2], c.calls, c.nbytes] for k, c in sorted(ran.snapshot().items())]
     full, ref_state = runner.full_state_dict(), reference.state_dict()
     diffs = {k: float((full[k].float() - ref_state[k].float()).abs().max()) for k in ref_state if k in full}
@@ -276,13 +331,14 @@ def run_plan(model_name: str, plan_name: str) -> dict:
     shards = {name: [_numel(ref_state[name].shape) if name in ref_state else -1, int(p.numel())]
               for name, p in runner.named_parameters()}
     mine = {"rank": rank, "stage": runner.stage_index, "local_numel": sum(p.numel() for p in runner.parameters()),
-            "shards": shards, "rows": sorted(counter.rows), "counts": counts, "losses": losses}
+            "shards": shards, "rows": sorted(counter.rows), "counts": counts, "losses": losses,
+            "flops": flops.steps}
     per_rank: list = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, mine)
     strategies = {name: [s.dp, s.tp, s.fsdp, s.spec, s.reshard, s.recompute] for st in plan.stages for name, s in st.strategies.items()}
     return {"plan": plan_name, "model": model_name, "pp": plan.pp, "microbatches": plan.microbatches,
             "schedule": plan.schedule, "strategies": strategies, "stage_layers": [list(st.layers) for st in plan.stages],
-            "losses": losses, "reference": ref_losses, "param_close": close,
+            "losses": losses, "reference": ref_losses, "reference_flops": ref_flops, "param_close": close,
             "max_param_diff": max(diffs.values()), "keys_equal": sorted(full) == sorted(ref_state),
             "full_numel": sum(p.numel() for p in reference.parameters()), "per_rank": per_rank,
             "initial_digest": initial, "initial_equal_reference": initial == _digest(build_reference_state(model_name))}
@@ -322,7 +378,7 @@ def _numel(shape) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="gpt")
-    parser.add_argument("--plans", default="dp4,tp4,dp4-fsdp,dp4-fsdp-keep,pp4-gpipe,pp4-1f1b,pp2xtp2,pp2xdp2,"
+    parser.add_argument("--plans", default="dp4,tp4,tp4-pinned,dp4-fsdp,dp4-fsdp-keep,pp4-gpipe,pp4-1f1b,pp2xtp2,pp2xdp2,"
                                            "pp2xdp2-fsdp,pp2xdp2-fsdp-keep,mixed,free")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -340,12 +396,12 @@ def main() -> None:
             result = {"plan": plan_name, "model": args.model, "error": f"{type(exc).__name__}: {exc}"[:2000]}
             failed = True
             if dist.get_rank() == 0:
-                print("RESULT " + json.dumps(result), flush=True)
+                say("RESULT " + json.dumps(result))
             # the other ranks may be stuck in a collective of this plan: end the job (torchrun
             # then stops them) rather than run later plans against mismatched peers
             break
         if dist.get_rank() == 0:
-            print("RESULT " + json.dumps(result), flush=True)
+            say("RESULT " + json.dumps(result))
     if failed:
         sys.exit(1)
     dist.destroy_process_group()

@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fxplan  # noqa: E402
 from fxplan.models import build  # noqa: E402
 from runtime_matrix_worker import real_tp  # noqa: E402
+from fxplan.runtime.launch import say
 
 SPEC = "gpt:layers=8,hidden=1024,heads=8,seq=16,vocab=8192"
 
@@ -73,7 +74,7 @@ def main() -> None:
               "local_numel": sum(p.numel() for p in local), "peak_growth": peak - before, "peak_reset": reset,
               "losses": losses, "strategies": {n: str(s) for st in compiled.plan.stages
                                                for n, s in st.strategies.items()}}
-    print("RESULT " + json.dumps(result), flush=True)
+    say("RESULT " + json.dumps(result))
     dist.destroy_process_group()
 
 

@@ -13,6 +13,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
 import fxplan  # noqa: E402
 from fxplan.demo import train_beside_one_device  # noqa: E402
 from unseen_models import BUILDERS  # noqa: E402
+from fxplan.runtime.launch import say
 
 CASES = [("mha", dict(dp=4, pp=1)), ("mha", dict(pp=2, microbatches=2, schedule="1f1b")),
          ("lstm", dict(dp=4, pp=1)), ("einsum", dict(pp=2, microbatches=4, schedule="gpipe")),
@@ -39,11 +40,11 @@ def main():
         buffer_diff = max([float((full[k].double() - state[k].double()).abs().max())
                            for k in state if k not in params] or [0.0])
         if dist.get_rank() == 0:
-            print("RESULT " + json.dumps(dict(
+            say("RESULT " + json.dumps(dict(
                 model=name, pins=pins, losses=losses, reference=ref_losses, param_diff=diff, buffer_diff=buffer_diff,
                 keys_equal=sorted(full) == sorted(state), method=compiled.traced.method,
                 dp=[s.dp for st in compiled.plan.stages for s in st.strategies.values()],
-                microbatches=compiled.plan.microbatches, pp=compiled.plan.pp)), flush=True)
+                microbatches=compiled.plan.microbatches, pp=compiled.plan.pp)))
     dist.destroy_process_group()
 
 

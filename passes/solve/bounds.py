@@ -1,0 +1,174 @@
+"""Lower bounds on one candidate's optimum under problem.evaluate (no torch).
+
+Every bound here is provably <= the best iteration time any memory-feasible assignment of the
+candidate reaches; the search prunes with them and its global gap is measured against them. The
+per-layer arrays are padded into [layers, strategies] matrices once per call (inf time and memory
+where a layer has fewer strategies), so each stage costs a few numpy calls, not one per layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fxplan.passes.solve.problem import Problem, in_flight, segment_max
+
+
+@dataclass(frozen=True)
+class _Padded:
+    time: np.ndarray  # [L, K] F+I+W (+ split) of one microbatch; inf where no strategy
+    fixed: np.ndarray  # [L, K] mem_fixed; inf where no strategy
+    act: np.ndarray  # [L, K] mem_act; 0 where no strategy
+    peak: np.ndarray | None  # [L, K] mem_peak, or None
+    sync: np.ndarray  # [L, K] sync; 0 where no strategy
+    work: np.ndarray  # [L, K] mem_work; 0 where no strategy (or none)
+
+
+def _padded(problem: Problem) -> _Padded:
+    L = problem.num_layers
+    K = max(problem.num_strategies(u) for u in range(L))
+
+    def pad(arrays, fill):
+        out = np.full((L, K), fill, float)
+        for u, a in enumerate(arrays):
+            out[u, : len(a)] = a
+        return out
+
+    t = pad(problem.fwd, np.inf) + pad(problem.bwd, 0.0) + pad(problem.wgt, 0.0)
+    if problem.split:
+        t = t + pad(problem.split, 0.0)
+    # memory as the planner places it (problem.evaluate's `feasible`): every gradient held at once
+    fixed = pad(tuple(problem.placed_fixed(u) for u in range(problem.num_layers)), np.inf)
+    return _Padded(t, fixed, pad(problem.mem_act, 0.0),
+                   pad(problem.mem_peak, np.inf) if problem.mem_peak else None, pad(problem.sync, 0.0),
+                   pad(problem.mem_work, 0.0) if problem.mem_work else np.zeros((L, K)))
+
+
+def _alone(m: _Padded, flight: int) -> np.ndarray:
+    """[L, K] a strategy's bytes alone on a stage holding `flight` microbatches (the larger phase)."""
+    mem = m.fixed + flight * m.act + m.work
+    return mem if m.peak is None else np.maximum(mem, m.peak)
+
+
+def _least_sums(m: _Padded, flight: int) -> np.ndarray:
+    """[L+1, L+1]: [s, e] a bound <= the bytes of a stage holding layers s..e-1. A stage's peak is the
+    larger of its two phases' sums, each at least the sum of the layers' smallest terms."""
+    def sums(a):
+        c = np.concatenate([[0.0], np.cumsum(np.min(a, axis=1))])
+        return c[None, :] - c[:, None]
+
+    # + a stage's largest working set: some layer v holds its own, so the stage needs at least the
+    # others' least bytes plus v's least bytes with its working set (maximised over v)
+    held = m.fixed + flight * m.act
+    extra = np.min(held + m.work, axis=1) - np.min(held, axis=1)
+    extra = np.where(np.isfinite(extra), extra, 0.0)
+    act_phase = sums(held) + segment_max(extra)
+    return act_phase if m.peak is None else np.maximum(act_phase, sums(m.peak))
+
+
+def lower_bound(problem: Problem, quick: bool = False) -> float:
+    """A bound <= the optimum of `problem` under evaluate (inf when nothing fits memory).
+
+    With T = sum_i p_i (>= the layers' own times; reshards and transfers are >= 0):
+    objective >= beta T + (c-beta) max_i p_i + max_i sync_i >= (beta + (c-beta)/pp) T + (sum of syncs) / pp.
+    Memory couples the layers: summed over stages, sum_u (mem_fixed + f_min mem_act) <= pp * limit,
+    a knapsack whose Lagrangian dual (any mu >= 0) bounds the weighted time from below. Also
+    max_i p_i >= min_bottleneck. `quick`: the knapsack dual alone (no DP over stage splits, no
+    memory check): weaker, a few milliseconds.
+    """
+    pp, c, L = problem.pp, problem.microbatches, problem.num_layers
+    if L < pp:
+        return float("inf")
+    m = _padded(problem)
+    if not quick and min_memory(problem, m) > problem.memory_limit * (1 + 1e-9):
+        return float("inf")
+    f_min = min(in_flight(problem.schedule, pp, c, i) for i in range(pp))
+    beta = problem.bubble_share
+    limit = problem.memory_limit * (1 + 1e-9)
+    alone = m.fixed + f_min * m.act
+    fits = alone <= limit
+    W = np.where(fits, (beta + (c - beta) / pp) * m.time + m.sync / pp, np.inf)
+    Mem = np.where(fits, alone, 0.0)
+    budget = pp * problem.memory_limit
+
+    def dual(mu: float) -> float:
+        return float(np.min(W + mu * Mem, axis=1).sum()) - mu * budget
+
+    best = dual(0.0)
+    if np.isfinite(budget) and budget > 0:
+        # the dual is concave in mu: golden-section search on a bracket
+        finite = np.where(np.isfinite(W), W, 0.0)
+        hi = float(finite.max(axis=1).sum()) / budget * 1e3
+        lo = 0.0
+        for _ in range(40):
+            m1, m2 = lo + (hi - lo) * 0.382, lo + (hi - lo) * 0.618
+            if dual(m1) < dual(m2):
+                lo = m1
+            else:
+                hi = m2
+        best = max(best, dual(lo), dual(hi))
+    if quick:
+        return best
+    plain = float(np.min(np.where(fits, m.time, np.inf), axis=1).sum())
+    return max(best, beta * plain + (c - beta) * min_bottleneck(problem, m))
+
+
+def _stage_dp(L: int, pp: int, segment_cost) -> float:
+    """min over contiguous splits of layers into pp non-empty stages of max_i segment_cost(i)[s, e]."""
+    best = np.full(L + 1, np.inf)
+    best[0] = 0.0
+    tri = np.tril_indices(L + 1)
+    for i in range(pp):
+        cand = np.maximum(best[:, None], segment_cost(i))
+        cand[tri] = np.inf  # stages are non-empty
+        best = cand.min(axis=0)
+    return float(best[L])
+
+
+def min_bottleneck(problem: Problem, padded: _Padded | None = None) -> float:
+    """A bound <= max_i p_i of every memory-feasible assignment (exact DP over contiguous splits).
+
+    On stage i a layer costs at least its fastest strategy that fits there alone, and a stage's
+    layers must fit together at their smallest footprints there. Layers are indivisible, so this
+    sees the imbalance an averaged bound misses (98 layers on 32 stages: some stage holds 4).
+    """
+    pp, c, L = problem.pp, problem.microbatches, problem.num_layers
+    if L < pp:
+        return float("inf")
+    m = padded or _padded(problem)
+    limit = problem.memory_limit * (1 + 1e-9)
+    costs: dict[int, np.ndarray] = {}  # stages holding equally many microbatches share their costs
+
+    def segment(i: int) -> np.ndarray:
+        f = in_flight(problem.schedule, pp, c, i)
+        if f not in costs:
+            tm = np.min(np.where(_alone(m, f) <= limit, m.time, np.inf), axis=1)
+            Tc = np.concatenate([[0.0], np.cumsum(np.where(np.isfinite(tm), tm, 0.0))])
+            bad = np.concatenate([[0], np.cumsum(~np.isfinite(tm))])
+            seg = Tc[None, :] - Tc[:, None]
+            seg[(bad[None, :] - bad[:, None]) > 0] = np.inf  # a layer that fits nowhere on this stage
+            seg[_least_sums(m, f) > limit] = np.inf
+            costs[f] = seg
+        return costs[f]
+
+    return _stage_dp(L, pp, segment)
+
+
+def min_memory(problem: Problem, padded: _Padded | None = None) -> float:
+    """A bound <= the largest stage memory of every assignment: min over contiguous splits of the
+    largest stage's least bytes (exact when no sync phase outgrows the activation phase)."""
+    pp, c, L = problem.pp, problem.microbatches, problem.num_layers
+    if L < pp:
+        return float("inf")
+    m = padded or _padded(problem)
+    costs: dict[int, np.ndarray] = {}
+
+    def segment(i: int) -> np.ndarray:
+        # per stage, each layer's smallest footprint there (strategies are free per layer)
+        f = in_flight(problem.schedule, pp, c, i)
+        if f not in costs:
+            costs[f] = _least_sums(m, f)
+        return costs[f]
+
+    return _stage_dp(L, pp, segment)

@@ -1,0 +1,66 @@
+"""The search's gap is global: over every (pp, microbatches, schedule) the pins allow, solved, pruned or
+cut. One analysis and one CostModel (its cost tables cached per (pp, microbatches)) serve the unpinned
+search and a slice of pinned solves; the full sweep of every pin is bench/plan_sweep.py."""
+
+from __future__ import annotations
+
+import pytest
+
+import fxplan
+from fxplan.models import build, example_batch
+from fxplan.passes.cost.model import CostModel
+from fxplan.passes.solve.candidate import solve
+from fxplan.passes.solve.search import OUTCOMES, search
+from fxplan.planner import analyse
+from fxplan.search_space import candidates, dominated_by
+
+GAP = 5e-3  # the planner's target for big chains
+
+
+@pytest.fixture(scope="module")
+def gpt96():
+    cluster = fxplan.Cluster.preset("a100-80g", nodes=8, devices_per_node=8)
+    model = build("gpt:layers=96,hidden=4096", device="meta")
+    inputs = example_batch(model, 512, device="meta")
+    analysis = analyse(model, inputs, cluster, fxplan.Constraints())
+    lg = analysis.layer_graph
+    costs = CostModel(lg, analysis.space, cluster, lg.batch_size, fxplan.Constraints())
+    cands = [c for c in candidates(cluster, lg.batch_size, len(lg.layers), fxplan.Constraints())
+             if costs.bound_problem(*c) is not None]
+    res = search(costs.problem, cands, time_limit_s=600, mip_gap=GAP, dominated=dominated_by(cands),
+                 bound_problem=costs.bound_problem)
+    return costs, cands, res
+
+
+def test_every_microbatch_count_and_schedule_is_a_candidate(gpt96):
+    _, cands, _ = gpt96
+    for pp in (8, 16, 32):
+        counts = {c for p, c, _ in cands if p == pp}
+        # every divisor of the batch from pp on (1F1B needs one per stage), far past the old 4 * pp cap
+        assert {c for c in (pp, 2 * pp, 4 * pp, 8 * pp, 512) if 512 % c == 0} <= counts
+        assert {s for p, _, s in cands if p == pp} == set(fxplan.constraints.RUNNABLE_SCHEDULES)
+
+
+def test_the_gap_is_global_and_the_counts_add_up(gpt96):
+    _, cands, res = gpt96
+    best = res.best
+    assert 0 <= best.gap <= 0.01
+    assert res.floor == pytest.approx(best.objective * (1 - best.gap), rel=1e-9)
+    assert res.floor == min(r.bound for r in res.per_candidate if r.outcome != "skipped")
+    assert sum(res.count(o) for o in OUTCOMES) == len(cands)
+    assert res.count("cut") == 0 and res.count("solved") >= 1
+    assert res.pruned == res.count("pruned") + res.count("dominated") > len(cands) // 2
+    for r in res.per_candidate:
+        if r.outcome in ("pruned", "dominated"):
+            assert r.bound >= best.objective * (1 - GAP) * (1 - 1e-9)
+
+
+@pytest.mark.parametrize("pin", [(8, 64, "1f1b"), (16, 128, "zb-h1"), (16, 32, "zb-h2"), (32, 256, "1f1b"),
+                                 (32, 64, "zb-h1"), (4, 16, "gpipe")])
+def test_no_pin_beats_the_unpinned_plan(gpt96, pin):
+    costs, cands, res = gpt96
+    assert pin in cands
+    sol = solve(costs.problem(*pin), time_limit_s=120, mip_gap=GAP)
+    assert sol.objective >= res.best.objective * (1 - 0.005)
+    # the global bound is below what this pin reaches, so below its optimum's upper end
+    assert res.floor <= sol.objective

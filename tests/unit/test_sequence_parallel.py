@@ -1,0 +1,56 @@
+"""Sequence parallelism as a planner choice: its shardings divide the activations the cost model
+counts, `Constraints(sp=)` pins it, and an unpinned search picks it when memory is tight."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+import fxplan
+from fxplan.errors import ConstraintError
+from fxplan.models import build, example_batch
+
+MODEL = "gpt:layers=2,hidden=256,heads=4,seq=1024"  # activations, not weights, fill the memory
+PINS = dict(pp=1, dp=1, tp=4, microbatches=1, fsdp=False, recompute=False)
+
+
+def _cluster(memory: float) -> fxplan.Cluster:
+    return fxplan.Cluster(nodes=1, devices_per_node=4, memory_bytes=memory, peak_flops=1e14, intra_bw=1e11,
+                          inter_bw=1e10, intra_latency=5e-6, inter_latency=5e-6)
+
+
+@functools.cache
+def _plan(memory: float, sp):
+    model = build(MODEL)
+    return fxplan.compile(model, example_batch(model, 8), cluster=_cluster(memory),
+                          constraints=fxplan.Constraints(**PINS, sp=sp), verbose=False).plan
+
+
+def _specs(plan) -> dict:
+    return {name: s.spec for st in plan.stages for name, s in st.strategies.items()}
+
+
+def test_pinned_sp_shards_every_layer_on_the_sequence_and_divides_its_activations():
+    plain, sp = _plan(80e9, False), _plan(80e9, True)
+    assert all(spec.startswith("sp:") for spec in _specs(sp).values()), _specs(sp)
+    assert not any(spec.startswith("sp:") for spec in _specs(plain).values()), _specs(plain)
+    blocks = [name for name in _specs(sp) if name.startswith("blocks.")]
+    assert all(_specs(sp)[b] == "sp:" + _specs(plain)[b] for b in blocks)  # Megatron's sharding, its SP form
+    assert sp.stages[0].estimated_memory_bytes < 0.9 * plain.stages[0].estimated_memory_bytes
+
+
+def test_planner_picks_sequence_parallelism_when_memory_is_tight():
+    without, with_sp = (_plan(80e9, pin).stages[0].estimated_memory_bytes for pin in (False, True))
+    tight = (without + with_sp) / 2  # the plain shardings no longer fit
+    plan = _plan(tight, None)
+    assert any(spec.startswith("sp:") for spec in _specs(plan).values()), _specs(plan)
+    assert plan.stages[0].estimated_memory_bytes <= tight
+    with pytest.raises(fxplan.InfeasiblePlanError):
+        _plan(tight, False)
+
+
+def test_sp_pin_is_checked_and_parsed():
+    with pytest.raises(ConstraintError):
+        fxplan.Constraints(sp="yes")
+    assert fxplan.Constraints.parse("tp=4,sp=true").sp is True
