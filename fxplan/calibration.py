@@ -12,14 +12,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 
 COLLECTIVE_KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")
 
 
 @dataclass(frozen=True)
 class AlphaBeta:
-    """One fitted collective: time(nbytes) = alpha + beta * nbytes, on `size` ranks laid out as `layout`
-    ("adjacent": ranks next to each other, "strided": ranks apart, "world": every rank)."""
+    """One fitted collective on `size` ranks laid out as `layout` ("adjacent": ranks next to each
+    other, "strided": ranks apart, "world": every rank).
+
+    `alpha` + `beta` * nbytes is the fit over every measured size: the latency and bandwidth the
+    table prints. Backends switch algorithm with the message size (gloo's ring vs. direct sends,
+    cache-resident vs. streaming buffers), so one line misses the middle sizes by 15-25 % on a
+    quiet VM. `time` therefore prices piecewise: between two measured sizes the segment's own
+    alpha-beta (the line through their lower quartiles), at or below the smallest size its time
+    (latency-bound), above the largest the tail's bandwidth."""
 
     kind: str
     size: int
@@ -30,7 +38,36 @@ class AlphaBeta:
     held_out: tuple[tuple[float, ...], ...] = ()  # measured alike, left out of the fit: its check
 
     def time(self, nbytes: float) -> float:
-        return self.alpha + self.beta * nbytes if nbytes > 0 else 0.0
+        if nbytes <= 0:
+            return 0.0
+        knots = self._knots
+        if len(knots) < 2:
+            return self.alpha + self.beta * nbytes
+        if nbytes <= knots[0][0]:
+            return knots[0][1]
+        for (x0, t0), (x1, t1) in zip(knots, knots[1:]):
+            if nbytes <= x1:
+                return t0 + (t1 - t0) * (nbytes - x0) / (x1 - x0)
+        x_last, t_last = knots[-1]
+        return t_last + self._tail_beta * (nbytes - x_last)
+
+    @cached_property
+    def _knots(self) -> tuple[tuple[float, float], ...]:
+        """(nbytes, lower-quartile s) of the fitted sizes, made non-decreasing from the top: a small
+        message is never priced above a larger one (the smallest size, measured right after the
+        largest in each round, reads slow on a CPU host; its latency is the next size's)."""
+        knots: list[tuple[float, float]] = []
+        for x, t in sorted(((p[0], p[3]) for p in self.points if p[3] > 0), reverse=True):
+            if not knots or x < knots[-1][0]:
+                knots.append((x, min(t, knots[-1][1]) if knots else t))
+        return tuple(reversed(knots))
+
+    @cached_property
+    def _tail_beta(self) -> float:
+        """Seconds per byte beyond the largest size: the fit over the three largest sizes (the
+        bandwidth-bound end), or the overall beta when that fit is degenerate."""
+        _, beta = fit_alpha_beta(list(self._knots[-3:]))
+        return beta if beta > 0 else self.beta
 
     def held_out_errors(self) -> tuple[float, ...]:
         """|fitted - measured| / measured (lower quartiles) at each held-out size."""

@@ -178,9 +178,10 @@ def test_unknown_op_runs_replicated():
 def test_gpt_block_tp8_is_fast():
     traced = trace(Stack(Block, n=2), (torch.randn(B, T, C),))
     graph = coarsen(traced)
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU seconds: a shared CI host's other jobs must not fail it
     space = build_strategy_space(traced, graph, (8,))
-    assert time.perf_counter() - t0 < 1.0
+    took = time.process_time() - t0
+    assert took < 1.0, f"{took:.2f} s of CPU"
     assert any(s.label == "col>row>col>row" for s in space.for_layer(_block_layers(graph)[0].index, 8))
 
 
