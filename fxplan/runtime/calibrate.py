@@ -3,7 +3,8 @@ elementwise throughput, per-op overhead; fitted into a `fxplan.calibration.Calib
 
 Collectives run on `world_size` processes (spawned here, or the torchrun job's own ranks when
 called inside one), on every group size and layout the cost model places groups on, all groups of
-a layout at once (as a plan's tp or dp groups run). Each size is repeated; fits use the median.
+a layout at once (as a plan's tp or dp groups run). Each size is repeated; fits and prices use the
+lower quartile of the rounds.
 Compute is measured on one rank with the others idle, as the fastest of several repeats (the
 uncontended speed of one core, robust to a busy host), then divided among the ranks that share the
 cores: 4 single-threaded ranks on 2 cores each get half a core.

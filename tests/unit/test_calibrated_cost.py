@@ -82,3 +82,25 @@ def test_fit_reproduces_an_exact_line_and_round_trips():
     c = cluster(cal)
     assert Cluster.from_dict(c.to_dict()) == c
     assert "all_reduce" in cal.table() and "noise 10.0 %" in cal.table()
+
+
+def test_measured_points_price_piecewise_between_sizes():
+    # (nbytes, median, min, lower quartile): a latency floor, a kink where the algorithm changes,
+    # and the smallest size reading slower than the next (measured right after the largest)
+    pts = ((4096.0, 0, 0, 300e-6), (16384.0, 0, 0, 250e-6), (65536.0, 0, 0, 260e-6),
+           (262144.0, 0, 0, 400e-6), (1048576.0, 0, 0, 1000e-6), (4194304.0, 0, 0, 3400e-6))
+    fit = AlphaBeta("all_reduce", 2, "world", 280e-6, 1e-9, points=pts,
+                    held_out=((32768.0, 0, 0, 255e-6), (2097152.0, 0, 0, 1800e-6)))
+    assert fit.time(4096) == pytest.approx(250e-6) and fit.time(100) == pytest.approx(250e-6)
+    assert fit.time(262144) == pytest.approx(400e-6)
+    # between two sizes: the line through them
+    assert fit.time(655360) == pytest.approx(400e-6 + 600e-6 * (655360 - 262144) / (1048576 - 262144))
+    # beyond the largest: its time plus the three largest sizes' bandwidth
+    _, tail = fit_alpha_beta([(262144.0, 400e-6), (1048576.0, 1000e-6), (4194304.0, 3400e-6)])
+    assert fit.time(8 << 20) == pytest.approx(3400e-6 + tail * (4 << 20))
+    sizes = [1 << k for k in range(8, 26)]
+    assert all(fit.time(a) <= fit.time(b) for a, b in zip(sizes, sizes[1:]))
+    assert max(fit.held_out_errors()) < 0.05
+    # without measured points (presets, hand-made fits) the line is the price
+    line = AlphaBeta("all_reduce", 2, "world", 280e-6, 1e-9)
+    assert line.time(1 << 20) == pytest.approx(280e-6 + (1 << 20) * 1e-9)
