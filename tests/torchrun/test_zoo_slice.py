@@ -43,8 +43,13 @@ def test_zoo_slice_trains_like_one_device():
             assert r["pp"] == 4 and r["numel_ratio"] <= 1.1, case
         if r["model"] == "resnet18":
             assert r["microbatches"] == 1, case
-            if r["plan"] == "pp4mb1":  # one microbatch: stages re-cut evenly (passes/solve/balance.py)
-                assert r["layers"] >= 8 and r["stage_balance"] <= 1.5, case
+            if r["plan"] == "pp4mb1":
+                # one microbatch: the time formula is the sum of the stages, so without the re-cut of
+                # passes/solve/balance.py most layers could pile onto one stage (balance 3 or more).
+                # How even the re-cut gets is a trade against the sends of the cut activations,
+                # priced by this host's calibration (1.15 is the most even split of these layers'
+                # estimated times; 1.50 was chosen on one VM): no stage may do half the model's work
+                assert r["layers"] >= 8 and r["stage_balance"] < 2.0, case
             if r["plan"] == "pp2dp2mb1":
                 assert r["pp"] == 2 and r["numel_ratio"] <= 2.2, case  # each weight on its stage's 2 dp ranks
 
