@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from fxplan.runtime.launch import run_torchrun, tagged
+from torchrun_rows import torchrun_rows
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "workers", "distribute_memory_worker.py")
@@ -17,9 +17,7 @@ WORKER = os.path.join(HERE, "workers", "distribute_memory_worker.py")
 
 @functools.cache
 def _results() -> dict:
-    proc = run_torchrun(WORKER, 4, [], timeout_s=240, env={"FXPLAN_TIMEOUT_S": "60", "OMP_NUM_THREADS": "1"})
-    rows = tagged(proc.stdout)
-    assert proc.returncode == 0 and rows, proc.stderr[-3000:]
+    rows = torchrun_rows(WORKER, 4, env={"FXPLAN_TIMEOUT_S": "60", "OMP_NUM_THREADS": "1"})
     return {r["plan"]: r for r in rows}
 
 

@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-from fxplan.runtime.launch import run_torchrun, tagged
+from torchrun_rows import torchrun_rows
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers", "fsdp_memory_worker.py")
 ENV = {"FXPLAN_TIMEOUT_S": "120", "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -22,9 +22,7 @@ ENV = {"FXPLAN_TIMEOUT_S": "120", "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD
 @pytest.mark.slow
 @pytest.mark.timeout(330)
 def test_zero3_peak_is_under_four_tenths_of_dp_and_keep_between():
-    proc = run_torchrun(WORKER, 4, ["dp4,dp4-fsdp,dp4-fsdp-keep"], timeout_s=300, env=ENV)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = tagged(proc.stdout)
+    rows = torchrun_rows(WORKER, 4, ["dp4,dp4-fsdp,dp4-fsdp-keep"], timeout_s=300, env=ENV)
     peak = {}
     for r in rows:
         assert r["reset"], "VmHWM could not be reset"

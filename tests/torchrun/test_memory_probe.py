@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import os
 
-from fxplan.runtime.launch import run_torchrun, tagged
+from torchrun_rows import torchrun_rows
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "workers", "memory_probe_worker.py")
 
 
 def test_probe_counts_weights_grads_adam_state_and_transients():
-    proc = run_torchrun(WORKER, 2, timeout_s=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = tagged(proc.stdout)
+    rows = torchrun_rows(WORKER, 2)
     assert len(rows) == 2
     weight = 512 * 512 * 4  # one Linear(512, 512) in fp32
     params = 3 * weight
