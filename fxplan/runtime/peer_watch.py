@@ -26,6 +26,7 @@ import time
 
 POLL_S = 0.02
 MARK_WAIT_S = 0.02  # a peer's exit mark is written before it exits; this covers a slow store
+STORE_TRIES = 5  # looks in a row the store may fail before the watch gives up (the job is ending)
 EXIT_MARK_S = 0.5  # a store round trip takes milliseconds; an unreachable one must not hold the exit
 _current: list = [None]  # the watch of the newest LockStep: every rank makes them in the same order
 _thread: list = [None]
@@ -55,8 +56,8 @@ class PeerWatch:
         while True:
             try:
                 self.poll(self._store)
-            except Exception:  # noqa: BLE001 - the store may be gone with the job
-                return list(self.lost)
+            except Exception:  # noqa: BLE001 - a store hiccup: look again until the deadline
+                pass
             if self.lost or time.monotonic() >= deadline:
                 return list(self.lost)
             time.sleep(0.005)
@@ -69,8 +70,9 @@ class PeerWatch:
             if not gone:
                 return
             time.sleep(MARK_WAIT_S)
-            lost = [r for r in gone if not _ended(store, self.host, peers[r])]
-            self._gone.update(gone)
+            ended = {r: _ended(store, self.host, peers[r]) for r in gone}
+            lost = [r for r in gone if ended[r] is False]
+            self._gone.update(r for r in gone if ended[r] is not None)  # unknown: ask again next look
             if lost:
                 self.lost += lost
                 from fxplan.runtime.launch import say
@@ -98,18 +100,20 @@ class PeerWatch:
 
 
 def _watch() -> None:
-    owner, store = None, None
+    owner, store, failures = None, None, 0
     while True:
         time.sleep(POLL_S)
         watch = _current[0]
         if watch is None:
             continue
         try:
-            if owner is not watch:  # a store client of its own: a client is not shared between threads
+            if owner is not watch or store is None:  # a client of its own: a client is not shared between threads
                 owner, store = watch, watch._store.clone()
             watch.poll(store)
-        except Exception:  # noqa: BLE001 - the store is gone or cannot be cloned: stop watching this one
-            if _current[0] is watch:
+            failures = 0
+        except Exception:  # noqa: BLE001 - a hiccup: a new client next look; a store that stays gone: stop
+            store, failures = None, failures + 1
+            if failures >= STORE_TRIES and _current[0] is watch:
                 _current[0] = None
 
 
@@ -134,11 +138,12 @@ def _ended_by_itself() -> None:
     writer.join(EXIT_MARK_S)
 
 
-def _ended(store, host: str, pid: int) -> bool:
+def _ended(store, host: str, pid: int) -> bool | None:
+    """Whether the process marked its own exit; None when the store cannot tell (accuse no one yet)."""
     try:
         return bool(store.check([_exit_key(host, pid)]))
-    except Exception:  # noqa: BLE001 - without the store no one can tell: accuse no one
-        return True
+    except Exception:  # noqa: BLE001 - the store may be gone with the job, or answer the next look
+        return None
 
 
 def _exit_key(host: str, pid: int) -> str:

@@ -135,3 +135,41 @@ def test_no_lost_peer_answers_after_the_wait():
         peer_watch._current[0] = None
         live.kill()
         live.wait()
+
+
+class _FlakyStore:
+    """A HashStore whose `check` fails the first `failures` times: a store round trip that broke once."""
+
+    def __init__(self, failures: int):
+        self._store, self.failures = dist.HashStore(), failures
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+    def clone(self):
+        return self
+
+    def check(self, keys):
+        if self.failures > 0:
+            self.failures -= 1
+            raise RuntimeError("connection reset by peer")
+        return self._store.check(keys)
+
+
+def test_a_store_error_while_a_peer_is_gone_delays_naming_it_but_does_not_forget_it(capfd):
+    victim = _peer()
+    store = _FlakyStore(failures=0)
+    watch = PeerWatch(0, 2, store, space=9006)
+    store.set("fxplan/proc/9006/1", f"{watch.host} {victim.pid}")
+    try:
+        assert watch.lost_peers(wait_s=0.0) == []  # registered and alive: the peers are read
+        peer_watch._current[0] = None  # the thread must not look in between: this test looks itself
+        store.failures = 3
+        victim.kill()
+        victim.wait()
+        assert watch.lost_peers(wait_s=2.0) == [1]
+        assert store.failures == 0 and "lost rank(s) [1]" in capfd.readouterr().err
+    finally:
+        peer_watch._current[0] = None
+        if victim.poll() is None:
+            victim.kill()
