@@ -47,6 +47,9 @@ FAMILIES = {
     "pp2xfsdp2": dict(pp=2, dp=2, tp=1, fsdp=True, recompute=False, schedule="1f1b", microbatches=4),
     "recompute": dict(pp=1, dp=4, tp=1, fsdp=False, recompute=True, microbatches=1),
     "pp2xtp2": dict(pp=2, dp=1, tp=2, fsdp=False, recompute=False, schedule="1f1b", microbatches=4),
+    # sequence parallelism: the tp families with their activations cut along the sequence
+    "sp": dict(pp=1, dp=1, tp=4, fsdp=False, recompute=False, microbatches=1, sp=True),
+    "dp2xsp2": dict(pp=1, dp=2, tp=2, fsdp=False, recompute=False, microbatches=1, sp=True),
 }
 
 

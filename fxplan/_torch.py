@@ -88,6 +88,13 @@ def queue_end_of_backward(callback) -> None:
     torch.autograd.Variable._execution_engine.queue_callback(callback)
 
 
+def outer_saved_tensors_hooks():
+    """The (pack, unpack) pair of the innermost `saved_tensors_hooks` active now, or None: a pair
+    entered inside it replaces it for autograd, so it hands on the tensors it does not take."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top(False) if top is not None else None
+
+
 def has_grad_hooks(tensor: torch.Tensor) -> bool:
     """Whether hooks on the leaf expect the engine to deliver its gradient itself."""
     return bool(getattr(tensor, "_backward_hooks", None) or getattr(tensor, "_post_accumulate_grad_hooks", None))

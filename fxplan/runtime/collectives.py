@@ -62,8 +62,13 @@ def fxplan_all_to_all(x: torch.Tensor, src_dim: int, dst_dim: int, key: str) -> 
 
 
 def fxplan_all_gather_rs(x: torch.Tensor, dim: int, key: str) -> torch.Tensor:
-    """S(dim) -> R for sharded consumers only: all-gather forward, reduce-scatter backward."""
-    return F.AllGatherRS.apply(x, current(), dim, key)
+    """S(dim) -> R for sharded consumers only: all-gather forward, reduce-scatter backward. Ops that
+    save the result for backward keep the shard instead (sequence_saved.py)."""
+    comm = current()
+    full = F.AllGatherRS.apply(x, comm, dim, key)
+    if comm.sequence is not None:
+        comm.sequence.gathered(full, x, dim, key)
+    return full
 
 
 def fxplan_r_to_p(x: torch.Tensor, key: str) -> torch.Tensor:

@@ -80,6 +80,7 @@ class Communicator:
         self.deferred: list[Callable[[], None]] = []
         self.observer: CollectiveCounter | None = None
         self.fsdp = None  # the FSDP state (fsdp_state.py) of the stage whose forward is running
+        self.sequence = None  # its sequence-parallel saved shards (sequence_saved.py), the same way
         self._loss_group: dist.ProcessGroup | None = None
 
     # ------------------------------------------------------------ groups

@@ -3,8 +3,9 @@
 ZeRO-3 (reshard after forward): a layer's gathered weights live only while its forward runs. Ops
 that save a gathered weight for backward (a matmul keeps its weight to compute the input gradient)
 are given a small `_Handle` instead, through `torch.autograd.graph.saved_tensors_hooks` active
-during the stage's forward; in backward the first unpack of a layer re-gathers its unit once, every
-other unpack of that layer reuses it, and the layer's reduce-scatter (fsdp.py) drops it. So at any
+during the stage's forward (what they do not take goes on to the enclosing hooks, outer_hooks.py);
+in backward the first unpack of a layer re-gathers its unit once, every other unpack of that layer
+reuses it, and the layer's reduce-scatter (fsdp.py) drops it. So at any
 time a rank holds its shards plus one gathered layer (and the one being prefetched), not one full
 copy per microbatch in flight.
 
@@ -29,6 +30,7 @@ from torch import nn
 
 from fxplan.runtime.comm import Communicator
 from fxplan.runtime.flat_ops import Pending, gather_flat
+from fxplan.runtime.outer_hooks import SavedDuringForward, take_back
 
 
 def launch_gather(comm: Communicator, key: str, shards, async_op: bool,
@@ -118,7 +120,7 @@ class _Handle:
         self.size, self.stride, self.offset = x.size(), x.stride(), x.storage_offset() - full.storage_offset()
 
 
-class FsdpState:
+class FsdpState(SavedDuringForward):
     """FSDP's state for one stage module: its forward hooks, kept units, prefetches, handles."""
 
     def __init__(self, comm: Communicator, module: nn.Module):
@@ -129,21 +131,15 @@ class FsdpState:
         self.kept: dict[int, tuple] = {}  # unit -> gathered tensors, for the step (reshard=False)
         self.live: dict[int, tuple] = {}  # storage pointer -> (weakref of a gathered tensor, Gathered, index)
         self.last: tuple[int, Gathered | None] | None = None  # the forward's previous gather
-        self._hooks: list = []
         self._previous = None
-        module.register_forward_pre_hook(self._enter)
-        module.register_forward_hook(self._exit, always_call=True)
+        super().__init__(module)
 
     # ------------------------------------------------------------ the stage's forward
-    def _enter(self, module, args) -> None:
+    def forward_began(self) -> None:
         self.last = None
         self._previous, self.comm.fsdp = self.comm.fsdp, self
-        hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-        hooks.__enter__()
-        self._hooks.append(hooks)
 
-    def _exit(self, module, args, output) -> None:
-        self._hooks.pop().__exit__(None, None, None)
+    def forward_ended(self) -> None:
         self.comm.fsdp, self._previous = self._previous, None
         self.last = None
         self._drain()
@@ -189,23 +185,15 @@ class FsdpState:
         return fulls, gathered
 
     # ------------------------------------------------------------ saved tensors
-    def _pack(self, x: torch.Tensor):
-        if not self.live or x.device.type == "meta":
-            return x
-        entry = self.live.get(x.untyped_storage().data_ptr())
-        if entry is None:
-            return x
-        ref, gathered, index = entry
-        full = ref()
-        if full is None or full.dtype != x.dtype:
-            return x
+    def _save(self, x: torch.Tensor, full: torch.Tensor, entry: tuple):
+        _, gathered, index = entry
         gathered.packed += 1
         return _Handle(gathered, index, x, full)
 
     @staticmethod
     def _unpack(saved):
         if not isinstance(saved, _Handle):
-            return saved
+            return take_back(saved)
         gathered = saved.gathered
         full = gathered.fulls_for_backward()[saved.index]
         out = full.as_strided(saved.size, saved.stride, full.storage_offset() + saved.offset)

@@ -31,9 +31,10 @@ from fxplan.plan import Plan
 from fxplan import schedules
 from fxplan.runtime import full_state, materialize, pipeline
 from fxplan.runtime.batches import check_batch, is_batched, microbatches
-from fxplan.runtime.collectives import GRAPH_OPS
+from fxplan.runtime.collectives import GRAPH_OPS, fxplan_all_gather_rs
 from fxplan.runtime.comm import CollectiveCounter, Communicator
 from fxplan.runtime.fsdp_state import FsdpState
+from fxplan.runtime.sequence_saved import SequenceSaved
 from fxplan.runtime.grad_sync import GradSync
 from fxplan.runtime import step_report
 from fxplan.runtime.step_report import StepTimes
@@ -103,6 +104,8 @@ class Runner:
         self.grad_sync = GradSync(self.comm, self.gm, self.program.params, model, self.stage_index)
         # ZeRO-3 handles, kept units and prefetches of this stage's FSDP layers
         self.fsdp = FsdpState(self.comm, self.gm) if any(s.fsdp for s in self.program.params.values()) else None
+        # sequence-parallel gathers saved for backward as their shards (after FSDP's: it nests inside)
+        self.sequence = SequenceSaved(self.comm, self.gm) if _calls(self.gm, fxplan_all_gather_rs) else None
         self._pipe: pipeline.PipelineRun | None = None
         self._pipe_key: tuple | None = None
         self.step_times = StepTimes()  # measured, for report()
@@ -263,6 +266,10 @@ def _causes(exc: BaseException) -> str:
         parts.append(f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__)
         exc = exc.__cause__ or exc.__context__
     return " <- ".join(parts)
+
+
+def _calls(gm: torch.fx.GraphModule, fn) -> bool:
+    return any(n.op == "call_function" and n.target is fn for n in gm.graph.nodes)
 
 
 def _is_param(root: nn.Module, target: str) -> bool:

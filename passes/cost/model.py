@@ -278,6 +278,9 @@ class CostModel:
         # layer before it (priced at this layer's size; the layer's own re-gathered weights are
         # dropped before the buffer is made, runtime/fsdp.py, so three copies at most).
         mem_work = 2.0 * f.largest_bytes * samples
+        # sequence parallelism's re-gathered input, kept while its matmuls' backward runs, and the
+        # flat buffer it is gathered into
+        mem_work += 2.0 * f.regather_bytes * samples
         if fsdp:
             mem_work += param_bytes * (3.0 if reshard else 2.0)
         if recompute:  # its backward re-runs the forward: the saved activations are back meanwhile

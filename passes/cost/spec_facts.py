@@ -51,6 +51,8 @@ class SpecFacts:
     ops: int = 0  # compute ops of the layer's forward (each a fixed dispatch cost)
     largest_bytes: float = 0.0  # per device per sample: the largest batch-sized float tensor the layer
     # reads or makes (tp-local), what its backward's gradient temporaries are made of
+    regather_bytes: float = 0.0  # per device per sample: the largest sequence shard saved as a shard
+    # and gathered again in backward (runtime/sequence_saved.py), gathered whole
 
 
 def param_tensors(graph: LayerGraph) -> frozenset[str]:
@@ -115,6 +117,8 @@ def spec_facts(graph: LayerGraph, u: int, spec: TPSpec, cluster: Cluster, counts
             input_bytes += local * per_sample
     return SpecFacts(
         largest_bytes=_largest_bytes(graph, layer, spec, cluster) * per_sample,
+        regather_bytes=max((cm.nbytes * ratio * per_sample for cm in spec.comms if cm.why.startswith("regather")),
+                           default=0.0),
         label=spec.label, tp=spec.tp, flops=spec.flops * per_sample, param_numel=int(spec.param_numel) + extra_params,
         act_bytes=spec.act_bytes * per_sample * ratio,
         comms=tuple((cm.kind, cm.axis, cm.nbytes * ratio * (per_sample if cm.per_sample else 1.0),

@@ -5,8 +5,9 @@ Propagation (shard_prop.LayerProp with a `boundary`) then finds the rest by itse
 dropouts and residual adds between the tensor-parallel matmuls run on the sequence shard; before a
 column-parallel linear the input is all-gathered (its backward a reduce-scatter), and the partial
 sum after a row-parallel linear is reduce-scattered onto the sequence shard where the all-reduce
-was. The bytes moved are the all-reduce's (RS + AG = AR); what changes is that every activation
-saved outside the matmuls is 1/tp per rank. Such specs are labelled `sp:<label>`; the planner
+was. The bytes moved are the all-reduce's (RS + AG = AR) plus, in backward, one all-gather per
+gathered input a matmul saved: it is saved as its shard and gathered again (Megatron-SP does the
+same), so every saved activation is 1/tp per rank. Such specs are labelled `sp:<label>`; the planner
 chooses them where memory is tight, and `Constraints(sp=True / False)` pins them.
 
 The sequence dim of an activation is the dim after its batch dim, on tensors of rank >= 3 whose
@@ -19,7 +20,8 @@ import dataclasses
 
 import torch.fx as fx
 
-from fxplan.passes.ir import Shard, TPSpec
+from fxplan.passes.cost.flops import node_saved
+from fxplan.passes.ir import Comm, Replicate, Shard, TPSpec
 
 SP_PREFIX = "sp:"
 SP_SPECS = 4  # sequence-parallel specs kept per layer and tp (beside the plain ones)
@@ -60,3 +62,18 @@ def sequence_specs(specs) -> tuple[TPSpec, ...]:
 
 def is_sequence_parallel(label: str) -> bool:
     return label.startswith(SP_PREFIX)
+
+
+def saved_as_shard(ctx, t: fx.Node, consumers, args: dict) -> tuple[Comm, int]:
+    """A sequence shard `t` all-gathered for sharded compute ("gather_rs"): the ops that save the
+    gathered copy keep the shard instead and backward gathers it again, once (runtime/
+    sequence_saved.py). -> (that backward all-gather, how many of t's `consumers` save the gathered
+    copy); `args`: node -> its arg placements."""
+    savers = 0
+    for u in consumers:
+        placed = args.get(u)
+        if placed is None or t not in node_saved(u)[0]:
+            continue
+        savers += any(a is t and isinstance(need, Replicate) for a, need in zip(u.all_input_nodes, placed))
+    meta = ctx.meta(t)
+    return Comm("all_gather", "tp", meta.nbytes, meta.batch_dim is not None, "bwd", f"regather {t.name}"), savers

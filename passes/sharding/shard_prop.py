@@ -30,7 +30,7 @@ from fxplan.passes.sharding.graph_facts import GraphFacts
 from fxplan.passes.sharding.op_rules import strategies
 from fxplan.passes.sharding.op_strategy import ANY, is_tensor_like
 from fxplan.passes.sharding.rules_vocab import inner_comms
-from fxplan.passes.sharding.sequence import SP_SPECS, sequence_boundary, sequence_specs
+from fxplan.passes.sharding.sequence import SP_SPECS, saved_as_shard, sequence_boundary, sequence_specs
 from fxplan.passes.sharding.redistribute import (comm_weight, consume_steps, distinct_steps, steps_comms, steps_score,
                                                  tensor_steps, transition)
 
@@ -321,6 +321,13 @@ class LayerProp:
             meta, rg = self.ctx.meta(t), self.ctx.rg.get(t, False)
             comms.extend(steps_comms(steps, meta, rg, why=f"{{kind}} {t.name}"))
             score += steps_score(steps, meta, rg)
+            if any(s.kind == "gather_rs" for s in steps):
+                regather, savers = saved_as_shard(self.ctx, t, self.consumers.get(t, ()), st.args)
+                if savers:
+                    comms.append(regather)
+                    score += comm_weight(regather.kind, tp) * regather.nbytes
+                    # the savers share one copy (counted by each above): it becomes one shard
+                    st.acts -= meta.nbytes * (1 - 1 / tp)
         for node in self.nodes:  # collectives inside an op (the vocab-parallel loss's reductions)
             inner = inner_comms(node, st.args.get(node), tp)
             comms.extend(inner)

@@ -5,14 +5,18 @@ and forward and backward run with those local shapes."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
+import math
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 import fxplan
+from fxplan.runtime.sequence_saved import SequenceSaved
 from tp_blocks import batch_for, build_lm
 
 WORLD = 4
@@ -109,3 +113,36 @@ def test_logits_flattened_from_the_sequence_shard_are_gathered_per_local_sample(
     assert cuts and all(n.args[1] == 0 and n.args[2][0] == local for n in cuts), [n.format_node() for n in cuts]
     with comm.observe():
         gm(tokens[:local], targets[:local]).backward()  # one microbatch's local shapes line up
+
+
+def _saved_and_counted(comm, gm):
+    """One forward/backward of `gm` under a measuring outer hook: (shapes autograd kept, collectives)."""
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+    with comm.observe() as counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        gm(*batch_for("bmm")).backward()
+    return shapes, {k: c.calls for k, c in counter.snapshot().items()}
+
+
+def test_sp_saves_gathered_inputs_as_their_shard_and_gathers_each_once_again_in_backward(fake_pg):
+    """Ops that save an all-gathered sequence shard keep the shard (the outer hook sees its shape, not
+    the whole sequence), and backward re-gathers each gather once however many ops saved it."""
+    compiled = _compiled(True)
+    comm = fake_pg(1, compiled.plan)
+    plain_gm = compiled.rank_module(1)
+    kept_gm = copy.deepcopy(plain_gm)  # rank_module hands out one module per rank
+    SequenceSaved(comm, kept_gm)
+    gathers = [n for n in kept_gm.graph.nodes if _fn(n) == "fxplan_all_gather_rs"]
+    savers = [sum(1 for u in g.users if _fn(u) == "linear") for g in gathers]
+    assert gathers and all(savers) and max(savers) > 1, savers  # the q/k/v projections share one gather
+    plain_shapes, plain_counts = _saved_and_counted(comm, plain_gm)
+    kept_shapes, kept_counts = _saved_and_counted(comm, kept_gm)
+    # each linear that saved (a view of) a gathered input now saves the shard it came from: 1/WORLD the size
+    removed, added = Counter(plain_shapes) - Counter(kept_shapes), Counter(kept_shapes) - Counter(plain_shapes)
+    assert sum(removed.values()) == sum(savers) == sum(added.values()), (removed, added)
+    assert sorted(math.prod(s) for s in added.elements()) == sorted(math.prod(s) // WORLD for s in removed.elements())
+    key = next(k for k in kept_counts if k[0] == "all_gather" and k[2] == "bwd")
+    assert kept_counts[key] == plain_counts.get(key, 0) + len(gathers), (kept_counts, plain_counts)

@@ -1,6 +1,6 @@
 """The sharding rules on blocks written as real code writes them (tests/support/tp_blocks.py) train
 like one device under tp=2 (dp2 x tp2) and tp=4 (vocab-parallel heads tied and untied, sequence
-parallelism among them) and really divide the work: one torchrun launch
+parallelism among them, also beside FSDP, recompute and a pipeline) and really divide the work: one torchrun launch
 (tests/torchrun/workers/tp_rules_worker.py) runs every block under both plans; FLOPs are counted by
 torch's FlopCounterMode around each rank's real step, not by fxplan."""
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 
 import pytest
 
@@ -21,6 +22,8 @@ MODELS = ["einsum", "bmm", "fused", "conv", "dwconv", "vocab"]
 PLANS = ["tp2", "tp4"]
 # the tied head under tp4, sequence parallelism under tp4 (beside bmm's tp4: its memory) and tp2
 EXTRA = [("tied", "tp4"), ("bmm", "sp4"), ("vocab", "sp2")]
+# sequence parallelism's saved shards beside FSDP's saved-weight handles, recompute and a 1f1b pipeline
+EXTRA += [("bmm", "sp2-fsdp"), ("bmm", "sp2-recompute"), ("bmm", "sp2-pp2")]
 RUNS = [(m, p) for m in MODELS for p in PLANS] + EXTRA
 
 
@@ -30,6 +33,10 @@ def _launch() -> tuple[dict, str]:
     proc = run_torchrun(WORKER, 4, ["--runs", runs], timeout_s=420, env=ENV)
     lines = [line[len("RESULT "):] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     return {(r["model"], r["plan"]): r for r in map(json.loads, lines)}, proc.stderr[-3000:]
+
+
+def _tp(plan: str) -> int:
+    return int(re.match(r"[a-z]+(\d+)", plan).group(1))
 
 
 def _result(model: str, plan: str) -> dict:
@@ -47,7 +54,7 @@ def test_block_trains_like_one_device(model, plan):
     r = _result(model, plan)
     assert r["losses"] == pytest.approx(r["reference"], rel=1e-4, abs=1e-5)
     assert r["param_close"], r["max_param_diff"]
-    assert all(s[1] == int(plan[2:]) for s in r["strategies"].values())
+    assert all(s[1] == _tp(plan) for s in r["strategies"].values())
 
 
 @pytest.mark.slow
@@ -71,7 +78,7 @@ def test_vocab_parallel_head_holds_a_tp_th_of_the_logits(model, plan):
     """One device's largest saved tensor is the logits' log-softmax [tokens, vocab]; with the vocab
     split over tp (the head's weight, tied to the embedding or not) no rank saves more than 1/tp of it."""
     r = _result(model, plan)
-    tp = int(plan[2:])
+    tp = _tp(plan)
     for p in r["per_rank"]:
         assert p["largest_saved"] * tp <= r["reference_largest_saved"], (p["rank"], p["largest_saved"])
 
@@ -79,12 +86,15 @@ def test_vocab_parallel_head_holds_a_tp_th_of_the_logits(model, plan):
 @pytest.mark.slow
 @pytest.mark.timeout(500)
 def test_sequence_parallelism_divides_activation_memory():
-    """Pinned sp: every layer runs its sequence-parallel sharding, and each rank saves fewer activation
-    bytes for backward than under plain tp4 (norms, residuals and the loss's inputs on 1/4 of the sequence)."""
+    """Pinned sp: every layer runs its sequence-parallel sharding, and each rank saves for backward
+    little more than a quarter of one device's activation bytes (norms, residuals and the loss's
+    inputs on 1/4 of the sequence, the column-parallel inputs saved as their shard), far below
+    plain tp4, whose norms and gathered matmul inputs are whole on every rank."""
     plain, sp = _result("bmm", "tp4"), _result("bmm", "sp4")
     assert all(spec.startswith("sp:") for _, _, spec in sp["strategies"].values()), sp["strategies"]
-    assert all(p["saved_per_step"] <= 0.95 * q["saved_per_step"] for p, q in zip(sp["per_rank"], plain["per_rank"])), (
+    assert all(p["saved_per_step"] <= 0.7 * q["saved_per_step"] for p, q in zip(sp["per_rank"], plain["per_rank"])), (
         [p["saved_per_step"] for p in sp["per_rank"]], [q["saved_per_step"] for q in plain["per_rank"]])
-    assert all(p["saved_per_step"] * 2 < sp["reference_saved"] for p in sp["per_rank"])
+    assert all(p["saved_per_step"] <= 0.3 * sp["reference_saved"] for p in sp["per_rank"]), (
+        [p["saved_per_step"] for p in sp["per_rank"]], sp["reference_saved"])
     kinds = {kind for p in sp["per_rank"] for kind, _, _, _ in p["counts"]}
     assert {"all_gather", "reduce_scatter"} <= kinds  # Megatron-SP's all-gather / reduce-scatter pairs

@@ -36,7 +36,11 @@ STEPS, LR, WORLD = 3, 0.05, 4
 PLANS = {"tp2": dict(pp=1, dp=2, tp=2, fsdp=False, microbatches=1, sp=False),
          "tp4": dict(pp=1, dp=1, tp=4, fsdp=False, microbatches=1, sp=False),
          "sp2": dict(pp=1, dp=2, tp=2, fsdp=False, microbatches=1, sp=True),  # sequence parallelism
-         "sp4": dict(pp=1, dp=1, tp=4, fsdp=False, microbatches=1, sp=True)}
+         "sp4": dict(pp=1, dp=1, tp=4, fsdp=False, microbatches=1, sp=True),
+         # sequence parallelism beside FSDP (its saved-tensor hooks nest), recompute, a pipeline
+         "sp2-fsdp": dict(pp=1, dp=2, tp=2, fsdp=True, microbatches=2, sp=True),
+         "sp2-recompute": dict(pp=1, dp=2, tp=2, fsdp=False, recompute=True, microbatches=2, sp=True),
+         "sp2-pp2": dict(pp=2, dp=1, tp=2, fsdp=False, microbatches=2, schedule="1f1b", sp=True)}
 
 
 @contextlib.contextmanager
