@@ -188,7 +188,9 @@ class DepthwiseNet(nn.Module):
 
 
 BLOCKS = {"einsum": EinsumBlock, "bmm": BmmBlock, "fused": FusedBlock}
-VOCAB = 512  # the vocab-parallel LMs: logits [tokens, 512] are their largest tensors
+VOCAB = 2048  # the vocab-parallel LMs: logits [tokens, 2048] are their largest tensors, and a tp4 shard of
+# them (128 x 512 floats) is still larger than any other tensor a rank saves, whichever layers the planner
+# shards (a replicated MLP saves its [tokens, 256] hidden whole)
 CONVS = {"conv": ConvNet, "dwconv": DepthwiseNet}
 
 
