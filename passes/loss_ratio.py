@@ -98,17 +98,42 @@ def _denominator(graph: fx.Graph, labels, weight, ignore_index) -> fx.Node:
     return graph.call_function(aten.sum.default, (per,))
 
 
+_METADATA_ATTRS = ("device", "dtype", "shape", "ndim")
+_NOT_METADATA = object()
+
+
+def _metadata_value(node: fx.Node):
+    """What a read of a tensor's metadata (x.device, x.dtype, x.shape, x.size(), x.dim()) gave at trace
+    time, else _NOT_METADATA. `labels.to(logits.device)` (HF's loss) reads the logits only for their
+    device: followed as data, the denominator would run the whole model."""
+    reads = (node.op == "call_function" and node.target is getattr and len(node.args) == 2
+             and node.args[1] in _METADATA_ATTRS) or (node.op == "call_method" and node.target in ("size", "dim"))
+    value = node.meta.get("val", _NOT_METADATA) if reads else _NOT_METADATA
+    constant = (torch.device, torch.dtype, int, torch.Size, tuple)
+    if not isinstance(value, constant) or (isinstance(value, tuple) and not all(isinstance(v, int) for v in value)):
+        return _NOT_METADATA
+    return value
+
+
 def _denominator_fn(gm: fx.GraphModule, labels: fx.Node, weight, ignore_index) -> fx.GraphModule:
-    """A GraphModule forward(*original inputs) -> the denominator over those inputs (the whole batch)."""
+    """A GraphModule forward(*original inputs) -> the denominator over those inputs (the whole batch).
+    Metadata reads become the trace's constants (a device constant is the rank's at run time:
+    fxplan/runtime/loss_inputs.py), so only the labels' own data flow is computed."""
     needed: set[fx.Node] = set()
+    constants: dict[fx.Node, object] = {}
     stack = [labels] + ([weight] if isinstance(weight, fx.Node) else [])
     while stack:
         n = stack.pop()
-        if n not in needed:
-            needed.add(n)
-            stack.extend(n.all_input_nodes)
+        if n in needed or n in constants:
+            continue
+        value = _metadata_value(n)
+        if value is not _NOT_METADATA:
+            constants[n] = value
+            continue
+        needed.add(n)
+        stack.extend(n.all_input_nodes)
     graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
+    env: dict[fx.Node, object] = dict(constants)
     for node in gm.graph.nodes:
         if node.op == "placeholder" or node in needed:
             env[node] = graph.node_copy(node, lambda a: env[a])

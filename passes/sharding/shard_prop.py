@@ -25,9 +25,9 @@ import torch.fx as fx
 
 from fxplan.passes.cost.flops import node_flops, node_saved
 from fxplan.passes.ir import (R, Comm, Layer, LayerGraph, Partial, Placement, Replicate, Shard, StrategySpace, TPSpec,
-                              Traced, frozen_map)
+                              Traced, frozen_map, op_name)
 from fxplan.passes.sharding.graph_facts import GraphFacts
-from fxplan.passes.sharding.op_rules import strategies
+from fxplan.passes.sharding.op_rules import PERMUTES, is_transpose_attribute, strategies
 from fxplan.passes.sharding.op_strategy import ANY, is_tensor_like
 from fxplan.passes.sharding.rules_vocab import inner_comms
 from fxplan.passes.sharding.sequence import SP_SPECS, saved_as_shard, sequence_boundary, sequence_specs
@@ -36,6 +36,7 @@ from fxplan.passes.sharding.redistribute import (comm_weight, consume_steps, dis
 
 MAX_SPECS = 6
 BEAM = 64  # states kept after each op (after exact dominance pruning)
+MATMULS = {"matmul", "mm", "bmm", "addmm", "baddbmm", "linear", "einsum"}
 
 
 def build_strategy_space(traced: Traced, layer_graph: LayerGraph, tp_degrees, max_specs: int = MAX_SPECS) -> StrategySpace:
@@ -115,13 +116,23 @@ class LayerProp:
         self.weights |= {n for n in self.inputs if ctx.meta(n).batch_dim is None and len(ctx.meta(n).shape) >= 2
                          and ctx.rg.get(n, False)}
         self.free = {n for n in self.nodes if n.op == "get_attr"} - self.weights
+        self.consumers = {n: [u for u in n.users if u in inside] for n in list(inside) + self.inputs}
+        # a weight a matmul reads through a transpose (`x @ self.weight.T`) is decided at the matmul, as
+        # if it read the weight: decided at the transpose, whose strategies all cost nothing, it would
+        # leave the matmul one greedy choice per placement. (Other consumers keep the choice at the
+        # transpose: an op that only runs replicated then gathers a weight stored sharded.)
+        self.views = {n: n.all_input_nodes[0] for n in self.nodes
+                      if (op_name(n) in PERMUTES or is_transpose_attribute(n)) and len(n.all_input_nodes) == 1
+                      and n.all_input_nodes[0] in self.weights and n.all_input_nodes[0].op == "get_attr"
+                      and self.consumers[n.all_input_nodes[0]] == [n] and len(self.consumers[n]) == 1
+                      and op_name(self.consumers[n][0]) in MATMULS}
+        self.weights |= set(self.views)
         self.last_use: dict = {}
         for i, n in enumerate(self.nodes):
             for a in n.all_input_nodes:
                 self.last_use[a] = i
         for o in self.outputs:
             self.last_use[o] = len(self.nodes)
-        self.consumers = {n: [u for u in n.users if u in inside] for n in list(inside) + self.inputs}
 
     # ------------------------------------------------------------ costs
     def _chain_cost(self, state: _State, t, chain) -> float:
@@ -149,7 +160,7 @@ class LayerProp:
                 start.place[x] = self.boundary(x) or R
         states = [start]
         for i, node in enumerate(self.nodes):
-            if node.op == "get_attr":
+            if node.op == "get_attr" or node in self.views:
                 continue  # placed by its first consumer
             nxt = []
             for st in states:
@@ -168,7 +179,7 @@ class LayerProp:
                 if need is None or need is ANY:
                     continue
                 if a in self.weights and a not in st.place:
-                    if isinstance(need, Partial):
+                    if isinstance(need, Partial) or (a in self.views and self._view_strategy(a, need) is None):
                         ok = False
                         break
                     key.append((a, need))
@@ -194,12 +205,31 @@ class LayerProp:
         for k, (_, s) in best.items():
             new = st.fork() if len(best) > 1 else st
             for a, need in k[0]:
-                new.place[a] = need
-                new.params += self._param_bytes(a, need)
+                if a in self.views:  # the weight takes what the transpose needs for `need`
+                    through = self._view_strategy(a, need)
+                    weight = self.views[a]
+                    new.place[weight] = through.args[0]
+                    new.params += self._param_bytes(weight, through.args[0])
+                    self._apply(new, a, through)
+                else:
+                    new.place[a] = need
+                    new.params += self._param_bytes(a, need)
                 new.tags.append((i, s.tag if s.sharded else "rep"))
             self._apply(new, node, s)
+            for a in node.all_input_nodes:  # a view its consumer takes as it is (ANY): stored whole
+                if a in self.views and a not in new.place:
+                    new.place[self.views[a]] = R
+                    new.params += self._param_bytes(self.views[a], R)
+                    self._apply(new, a, self._view_strategy(a, R))
             out.append(new)
         return out
+
+    def _view_strategy(self, view, need):
+        """The transpose strategy of a weight view that yields `need` from a stored weight placement."""
+        for s in strategies(view, self.tp, current=lambda n: None):
+            if s.out == need and isinstance(s.args[0], (Replicate, Shard)):
+                return s
+        return None
 
     def _apply(self, st: _State, node, s) -> None:
         tp = self.tp

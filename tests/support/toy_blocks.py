@@ -62,6 +62,30 @@ class RawBlock(nn.Module):
         return x + F.linear(F.gelu(F.linear(h, self.aa, self.ab)), self.qq, self.qb)
 
 
+class TransposedBlock(RawBlock):
+    """The same block with its matmuls written `x @ w.T + b` (as Falcon's linears are), the transpose
+    taken as `how`: "T" (the attribute), "t" (the method) or "transpose"."""
+
+    def __init__(self, dim: int, heads: int, how: str = "T"):
+        super().__init__(dim, heads)
+        self.how = how
+
+    def _linear(self, x, w, b):
+        wt = w.T if self.how == "T" else w.t() if self.how == "t" else w.transpose(0, 1)
+        return x @ wt + b
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        dim, heads = self.dim, self.heads
+        h = F.layer_norm(x, (dim,), self.n1w, self.n1b)
+        qkv = self._linear(h, self.zz, self.zb).view(b, t, heads, 3 * (dim // heads)).transpose(1, 2)
+        q, k, v = qkv.split(dim // heads, dim=-1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self._linear(y.transpose(1, 2).reshape(b, t, dim), self.yy, self.yb)
+        h = F.layer_norm(x, (dim,), self.n2w, self.n2b)
+        return x + self._linear(F.gelu(self._linear(h, self.aa, self.ab)), self.qq, self.qb)
+
+
 class Stack(nn.Module):
     """`n` blocks made by `make_block()`, then a scalar loss (mean of squares)."""
 

@@ -2,8 +2,9 @@
 decoder with lifted constants (Mistral) under dp, masked-LM with ignored labels (BERT) under pp x dp
 with 4 microbatches, a class-weighted loss under dp, an encoder-decoder (T5) under pp=4, and ResNet-18
 (BatchNorm) under pp=4, dp=4 and pp=2 x dp=2 (synchronised statistics, one microbatch), and under
-pinned tp=4 Gemma (tied embeddings, a norm cast back with type_as) and ConvNeXt (depthwise convolutions
-run channel-split): losses, parameters and buffers (running statistics) equal one device's."""
+pinned tp=4 Gemma (tied embeddings, a norm cast back with type_as), ConvNeXt (depthwise convolutions
+run channel-split) and Falcon (linears written `x @ w.T`, a loss that moves the labels to the logits'
+device): losses, parameters and buffers (running statistics) equal one device's."""
 
 import os
 
@@ -13,7 +14,8 @@ from fxplan.runtime.launch import run_torchrun, tagged
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CASES = [("mistral", "dp4"), ("bert", "pp2dp2"), ("bert_weighted", "dp4"), ("t5", "pp4"), ("resnet18", "pp4mb1"),
-         ("resnet18", "dp4"), ("resnet18", "pp2dp2mb1"), ("gemma", "tp4"), ("convnext", "tp4")]
+         ("resnet18", "dp4"), ("resnet18", "pp2dp2mb1"), ("gemma", "tp4"), ("convnext", "tp4"),
+         ("falcon", "tp4")]
 
 
 def _trained(cases, timeout_s: float):

@@ -11,6 +11,7 @@ from torch import nn
 import fxplan
 from fxplan.passes.loss_ratio import DENOMINATOR, GIVEN, UNPROVEN
 from fxplan.passes.trace import trace
+from fxplan.runtime.loss_inputs import _runnable
 
 import hf_zoo
 
@@ -98,3 +99,32 @@ def test_a_mean_that_is_not_the_whole_loss_is_named_at_compile():
         warnings.simplefilter("error")  # one device's batch in one piece: nothing to say
         fxplan.compile(model, batch, cluster=CLUSTER, verbose=False,
                        constraints=fxplan.Constraints(dp=1, tp=4, pp=1, microbatches=1))
+
+
+class LabelsMovedToTheLogits(nn.Module):
+    """HF's causal-LM loss moves the labels to the logits' device: `labels.to(logits.device)`."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x, y):
+        logits = self.fc(x)
+        y = y.to(logits.device).view(-1)
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), y, ignore_index=-100)
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_the_denominator_reads_the_labels_only(method):
+    """A read of the logits' device (or dtype, shape) is a constant of the trace for the denominator:
+    followed as data, every step would run the whole model's forward once more on every rank."""
+    torch.manual_seed(0)
+    model = LabelsMovedToTheLogits()
+    x, y = torch.randn(6, 3, 4), torch.randint(0, 5, (6, 3))
+    y[:2] = -100
+    traced = trace(model, (x, y), method=method)
+    fn = _runnable(traced.gm.meta[DENOMINATOR])  # as the runtime runs it: the trace's device is the input's
+    ops = [n for n in fn.graph.nodes if n.op not in ("placeholder", "output")]
+    assert not [n for n in ops if n.op == "get_attr" or "linear" in str(n.target) or "mm" in str(n.target)], \
+        [str(n.target) for n in ops]
+    assert float(fn(x, y)) == float((y != -100).sum())

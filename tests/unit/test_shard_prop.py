@@ -106,6 +106,26 @@ def test_raw_parameters_under_other_names_give_the_same_specs():
         assert _summary(a) == _summary(b)
 
 
+@pytest.mark.parametrize("how,method", [("T", "fx"), ("t", "fx"), ("transpose", "fx"), ("T", "export")])
+def test_weights_read_through_a_transpose_are_sharded_like_linear_weights(how, method):
+    """`x @ w.T + b` offers the specs F.linear does: the weight's placement is chosen at the matmul
+    (decided at the transpose, every placement but R lost to one greedy choice at the matmul)."""
+    torch.manual_seed(0)
+    _, g1, s1 = _space(Stack(Block))
+    traced = trace(Stack(lambda: toy_blocks.TransposedBlock(C, H, how)), (torch.randn(B, T, C),), method=method)
+    g2 = coarsen(traced)
+    s2 = build_strategy_space(traced, g2, (1, 2, 4))
+    for tp in (2, 4):
+        a = s1.for_layer(_block_layers(g1)[0].index, tp)
+        b = s2.for_layer(_block_layers(g2)[0].index, tp)
+        best = min((s for s in b if s.label == "col>row>col>row"), key=lambda s: sum(c.nbytes for c in s.comms))
+        assert _weights(traced, _block_layers(g2)[0], best) == [Shard(1), Shard(0), Shard(1), Shard(0)] or \
+            _weights(traced, _block_layers(g2)[0], best) == [Shard(0), Shard(1), Shard(0), Shard(1)]
+        assert len(_fwd(best, "all_reduce")) == 2 and [c for c in best.comms if c.phase == "fwd"] == _fwd(best, "all_reduce")
+        assert {s.label for s in a} <= {s.label for s in b} | {"R"}, ([s.label for s in a], [s.label for s in b])
+        assert min(s.param_numel for s in b) == min(s.param_numel for s in a)
+
+
 def test_identical_blocks_share_results_under_their_own_names():
     _, graph, space = _space(Stack(Block, n=3))
     l0, l2 = _block_layers(graph)[0], _block_layers(graph)[2]
