@@ -33,6 +33,7 @@ from fxplan.passes.sharding.rules_vocab import inner_comms
 from fxplan.passes.sharding.sequence import SP_SPECS, saved_as_shard, sequence_boundary, sequence_specs
 from fxplan.passes.sharding.redistribute import (comm_weight, consume_steps, distinct_steps, steps_comms, steps_score,
                                                  tensor_steps, transition)
+from fxplan.passes.sharding.spec_front import pareto, select_front
 
 MAX_SPECS = 6
 BEAM = 64  # states kept after each op (after exact dominance pruning)
@@ -279,7 +280,7 @@ class LayerProp:
             groups.setdefault(live, []).append(st)
         kept = []
         for group in groups.values():
-            kept.extend(_pareto(group, _State.score))
+            kept.extend(pareto(group, _State.score))
         if len(kept) <= BEAM:
             return kept
         # keep the cheapest in comm and the smallest per device (the sharded ones pay comm early)
@@ -305,11 +306,11 @@ class LayerProp:
         fronts = []
         for group in groups.values():
             uniq, seen = [], set()
-            for d in sorted(_pareto(group, lambda d: d[0]), key=lambda d: d[0]):
+            for d in sorted(pareto(group, lambda d: d[0]), key=lambda d: d[0]):
                 if d[0] not in seen:
                     seen.add(d[0])
                     uniq.append(d)
-            fronts.append(_select(uniq, self.max_specs if len(groups) == 1 else max(2, self.max_specs // 2)))
+            fronts.append(select_front(uniq, self.max_specs if len(groups) == 1 else max(2, self.max_specs // 2)))
         chosen = sorted((d for f in fronts for d in f), key=lambda d: d[0])
         specs, labels = [], {}
         for score, st, comms in chosen:
@@ -405,42 +406,6 @@ class LayerProp:
 def node_saved_total(n, ctx) -> float:
     saved, extra = node_saved(n)
     return sum(ctx.meta(a).nbytes for a in saved) + extra
-
-
-def _select(front, k: int):
-    """At most k of the (comm-sorted) Pareto front: the extremes of every criterion first (the
-    cheapest in comm, and the smallest in params / activations / flops: the Megatron-like full
-    sharding) and the fewest activations among the fewest params, then the rest by comm."""
-    if len(front) <= k:
-        return front
-    chosen = [0]
-    for c in range(1, len(front[0][0])):
-        j = min(range(len(front)), key=lambda i: (front[i][0][c], front[i][0][0]))
-        if j not in chosen:
-            chosen.append(j)
-    # the least activations among the (nearly) fully sharded weights: Megatron's sharding, with
-    # sequence parallelism its SP form (the extremes alone may keep whole weights for fewer activations)
-    fewest = min(d[0][1] for d in front)
-    j = min((i for i in range(len(front)) if front[i][0][1] <= 1.1 * fewest), key=lambda i: (front[i][0][2], front[i][0][0]))
-    if j not in chosen:
-        chosen.insert(1, j)
-    for i in range(len(front)):
-        if len(chosen) >= k:
-            break
-        if i not in chosen:
-            chosen.append(i)
-    return [front[i] for i in sorted(chosen[:k])]
-
-
-def _pareto(items, key):
-    """Items not dominated (<= in every coordinate, < in one) by another; stable order."""
-    keys = [key(x) for x in items]
-    out = []
-    for i, ki in enumerate(keys):
-        dominated = any(all(a <= b for a, b in zip(kj, ki)) and kj != ki for kj in keys)
-        if not dominated:
-            out.append(items[i])
-    return out
 
 
 # ---------------------------------------------------------------- identical layers
