@@ -54,12 +54,15 @@ class RawBlock(nn.Module):
         b, t, _ = x.shape
         dim, heads = self.dim, self.heads
         h = F.layer_norm(x, (dim,), self.n1w, self.n1b)
-        qkv = F.linear(h, self.zz, self.zb).view(b, t, heads, 3 * (dim // heads)).transpose(1, 2)
+        qkv = self._linear(h, self.zz, self.zb).view(b, t, heads, 3 * (dim // heads)).transpose(1, 2)
         q, k, v = qkv.split(dim // heads, dim=-1)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + F.linear(y.transpose(1, 2).reshape(b, t, dim), self.yy, self.yb)
+        x = x + self._linear(y.transpose(1, 2).reshape(b, t, dim), self.yy, self.yb)
         h = F.layer_norm(x, (dim,), self.n2w, self.n2b)
-        return x + F.linear(F.gelu(F.linear(h, self.aa, self.ab)), self.qq, self.qb)
+        return x + self._linear(F.gelu(self._linear(h, self.aa, self.ab)), self.qq, self.qb)
+
+    def _linear(self, x, w, b):
+        return F.linear(x, w, b)
 
 
 class TransposedBlock(RawBlock):
@@ -73,17 +76,6 @@ class TransposedBlock(RawBlock):
     def _linear(self, x, w, b):
         wt = w.T if self.how == "T" else w.t() if self.how == "t" else w.transpose(0, 1)
         return x @ wt + b
-
-    def forward(self, x):
-        b, t, _ = x.shape
-        dim, heads = self.dim, self.heads
-        h = F.layer_norm(x, (dim,), self.n1w, self.n1b)
-        qkv = self._linear(h, self.zz, self.zb).view(b, t, heads, 3 * (dim // heads)).transpose(1, 2)
-        q, k, v = qkv.split(dim // heads, dim=-1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self._linear(y.transpose(1, 2).reshape(b, t, dim), self.yy, self.yb)
-        h = F.layer_norm(x, (dim,), self.n2w, self.n2b)
-        return x + self._linear(F.gelu(self._linear(h, self.aa, self.ab)), self.qq, self.qb)
 
 
 class Stack(nn.Module):
