@@ -50,7 +50,7 @@ _MUL = {"mul", "imul", "mul_", "multiply"}
 _DIV = {"truediv", "div", "itruediv", "div_", "divide", "floordiv"}
 _RESHAPE = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as",
             "_unsafe_view", "squeeze_", "unsqueeze_", "ravel"}
-PERMUTES = {"transpose", "permute", "t", "swapaxes", "swapdims", "movedim", "moveaxis", "mT", "numpy_T"}
+_PERMUTE = {"transpose", "permute", "t", "swapaxes", "swapdims", "movedim", "moveaxis", "mT", "numpy_T"}
 _SHAPE = {"size", "dim", "getattr", "numel", "sym_size", "stride", "ndimension", "get_device", "is_floating_point"}
 _FACTORY = {"arange", "ones", "zeros", "full", "empty", "tensor", "rand", "randn", "eye", "linspace", "scalar_tensor",
             "empty_strided", "as_tensor", "scalar_tensor", "randint"}
@@ -62,16 +62,18 @@ _NEVER = {"all_reduce", "all_gather", "broadcast", "reduce_scatter", "all_gather
           "reduce_scatter_tensor", "send", "recv", "barrier", "wait_tensor"}
 
 
-def is_transpose_attribute(node) -> bool:
-    """`w.T` / `x.mT` as fx traces them (getattr(w, "T")): a tensor-valued attribute that permutes
-    dims, not metadata (layers that write `x @ self.weight.T` instead of F.linear)."""
-    return (node.op == "call_function" and node.target is builtins.getattr and len(node.args) > 1
-            and node.args[1] in ("T", "mT") and is_tensor(node))
+def is_permute(node) -> bool:
+    """An op that only reorders dims: transpose / permute / t / ..., and `w.T` / `x.mT` as fx traces
+    them (getattr(w, "T"): a tensor-valued attribute, not metadata; layers that write
+    `x @ self.weight.T` instead of F.linear)."""
+    if node.op == "call_function" and node.target is builtins.getattr:
+        return len(node.args) > 1 and node.args[1] in ("T", "mT") and is_tensor(node)
+    return op_name(node) in _PERMUTE
 
 
 def _family(node, current) -> Callable | None:
     n = op_name(node)
-    if is_transpose_attribute(node):
+    if is_permute(node):
         return permute_like
     if n in _SHAPE or (node.op == "call_function" and node.target is builtins.getattr):
         return shape_only
@@ -89,8 +91,6 @@ def _family(node, current) -> Callable | None:
         return lambda node, tp: elementwise(node, tp, "none")
     if n in _RESHAPE:
         return lambda node, tp: reshape_like(node, tp, current)
-    if n in PERMUTES:
-        return permute_like
     if n in ("expand", "expand_as", "broadcast_to"):
         return expand_like
     if n in ("cat", "concat", "concatenate", "stack"):

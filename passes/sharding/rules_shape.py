@@ -108,9 +108,9 @@ def _perm_of(node, rank):
     name = op_name(node)
     args = node.args[1:]
     if name == "getattr":  # x.T reverses every dim, x.mT swaps the last two
-        name = {"T": "numpy_T" if rank > 2 else "t", "mT": "mT"}.get(args[0]) if args else None
-        if name == "numpy_T":
+        if args[0] == "T":
             return list(reversed(range(rank)))
+        name = "mT"
     if name in ("t", "numpy_T") or (name == "mT" and rank >= 2):
         perm = list(range(rank))
         if rank >= 2:

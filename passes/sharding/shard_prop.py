@@ -27,7 +27,7 @@ from fxplan.passes.cost.flops import node_flops, node_saved
 from fxplan.passes.ir import (R, Comm, Layer, LayerGraph, Partial, Placement, Replicate, Shard, StrategySpace, TPSpec,
                               Traced, frozen_map, op_name)
 from fxplan.passes.sharding.graph_facts import GraphFacts
-from fxplan.passes.sharding.op_rules import PERMUTES, is_transpose_attribute, strategies
+from fxplan.passes.sharding.op_rules import is_permute, strategies
 from fxplan.passes.sharding.op_strategy import ANY, is_tensor_like
 from fxplan.passes.sharding.rules_vocab import inner_comms
 from fxplan.passes.sharding.sequence import SP_SPECS, saved_as_shard, sequence_boundary, sequence_specs
@@ -123,10 +123,13 @@ class LayerProp:
         # leave the matmul one greedy choice per placement. (Other consumers keep the choice at the
         # transpose: an op that only runs replicated then gathers a weight stored sharded.)
         self.views = {n: n.all_input_nodes[0] for n in self.nodes
-                      if (op_name(n) in PERMUTES or is_transpose_attribute(n)) and len(n.all_input_nodes) == 1
+                      if is_permute(n) and len(n.all_input_nodes) == 1
                       and n.all_input_nodes[0] in self.weights and n.all_input_nodes[0].op == "get_attr"
                       and self.consumers[n.all_input_nodes[0]] == [n] and len(self.consumers[n]) == 1
                       and op_name(self.consumers[n][0]) in MATMULS}
+        # a view's strategies from a stored weight placement: the same in every state, found once
+        self.view_strategies = {v: [s for s in strategies(v, tp, current=lambda n: None)
+                                    if isinstance(s.args[0], (Replicate, Shard))] for v in self.views}
         self.weights |= set(self.views)
         self.last_use: dict = {}
         for i, n in enumerate(self.nodes):
@@ -227,10 +230,7 @@ class LayerProp:
 
     def _view_strategy(self, view, need):
         """The transpose strategy of a weight view that yields `need` from a stored weight placement."""
-        for s in strategies(view, self.tp, current=lambda n: None):
-            if s.out == need and isinstance(s.args[0], (Replicate, Shard)):
-                return s
-        return None
+        return next((s for s in self.view_strategies[view] if s.out == need), None)
 
     def _apply(self, st: _State, node, s) -> None:
         tp = self.tp
