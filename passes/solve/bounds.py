@@ -111,7 +111,9 @@ def lower_bound(problem: Problem, quick: bool = False) -> float:
     if quick:
         return best
     plain = float(np.min(np.where(fits, m.time, np.inf), axis=1).sum())
-    return max(best, beta * plain + (c - beta) * min_bottleneck(problem, m))
+    # sum_i p_i is at least the layers' own fastest times, and at least the largest p_i
+    bottleneck = min_bottleneck(problem, m)
+    return max(best, beta * max(plain, bottleneck) + (c - beta) * bottleneck)
 
 
 def _stage_dp(L: int, pp: int, segment_cost) -> float:
@@ -149,10 +151,63 @@ def min_bottleneck(problem: Problem, padded: _Padded | None = None) -> float:
             seg = Tc[None, :] - Tc[:, None]
             seg[(bad[None, :] - bad[:, None]) > 0] = np.inf  # a layer that fits nowhere on this stage
             seg[_least_sums(m, f) > limit] = np.inf
-            costs[f] = seg
+            costs[f] = np.maximum(seg, _knapsack_bound(m, f, limit))
         return costs[f]
 
     return _stage_dp(L, pp, segment)
+
+
+MAX_MULTIPLIERS = 256
+"""Multipliers tried per memory form. Every one gives a valid bound; with all the breakpoints of
+the dual (the hull slopes of the layers) it is the knapsack's LP optimum, the tightest this gives."""
+
+
+def _knapsack_bound(m: _Padded, flight: int, limit: float) -> np.ndarray:
+    """[L+1, L+1]: [s, e] a bound <= the least summed time of layers s..e-1 on one stage whose held
+    bytes fit: per layer one strategy, sum of bytes <= limit, a multiple-choice knapsack. Its
+    Lagrangian dual, sum_u min_k (t + mu bytes) - mu limit, bounds it for every mu >= 0, and is
+    concave piecewise linear in mu with its kinks at the slopes of the layers' lower convex hulls of
+    (bytes, time): taking the best over those slopes per range is the LP relaxation's value. Done per
+    memory form (activation phase held bytes, sync phase peak). This is what makes fast strategies
+    that cannot all fit at once cost their price: per-layer minima alone (above) let every layer of
+    a stage take its fastest, memory-hungriest strategy together."""
+    L = m.time.shape[0]
+    best = np.zeros((L + 1, L + 1))
+    if not np.isfinite(limit):
+        return best  # no knapsack: the per-layer minima are the bound
+    usable = np.isfinite(m.time) & (_alone(m, flight) <= limit)
+    t = np.where(usable, m.time, np.inf)
+    forms = [m.fixed + flight * m.act] + ([m.peak] if m.peak is not None else [])
+    for held in forms:
+        held = np.where(usable, held, 0.0)
+        mus = _hull_slopes(t, held)
+        if len(mus) > MAX_MULTIPLIERS:
+            mus = mus[np.linspace(0, len(mus) - 1, MAX_MULTIPLIERS).round().astype(int)]
+        mus = np.concatenate([[0.0], mus])
+        g = np.min(t[:, :, None] + mus[None, None, :] * held[:, :, None], axis=1)  # [L, M]
+        g = np.where(np.isfinite(g), g, 0.0)  # a layer usable nowhere here is masked by the caller
+        cum = np.concatenate([np.zeros((1, len(mus))), np.cumsum(g, axis=0)])
+        dual = cum[None, :, :] - cum[:, None, :] - mus[None, None, :] * limit  # [s, e, mu]
+        best = np.maximum(best, dual.max(axis=2))
+    return best
+
+
+def _hull_slopes(t: np.ndarray, held: np.ndarray) -> np.ndarray:
+    """The distinct -dtime/dbytes between neighbours on each layer's lower convex hull of its usable
+    strategies' (bytes, time) points: where min_k (t + mu bytes) changes its argmin."""
+    slopes: set[float] = set()
+    for row_t, row_m in {(tuple(a), tuple(b)) for a, b in zip(t, held)}:
+        pts = sorted((mm, tt) for tt, mm in zip(row_t, row_m) if np.isfinite(tt))
+        hull: list[tuple[float, float]] = []
+        for mm, tt in pts:
+            if hull and tt >= hull[-1][1]:
+                continue  # more bytes and no faster: never the argmin for mu >= 0
+            while len(hull) >= 2 and ((hull[-1][1] - hull[-2][1]) * (mm - hull[-2][0])
+                                      >= (tt - hull[-2][1]) * (hull[-1][0] - hull[-2][0])):
+                hull.pop()  # above the chord from hull[-2] to this point: not on the lower hull
+            hull.append((mm, tt))
+        slopes.update((a[1] - b[1]) / (b[0] - a[0]) for a, b in zip(hull, hull[1:]) if b[0] > a[0])
+    return np.array(sorted(x for x in slopes if x > 0 and np.isfinite(x)))
 
 
 def min_memory(problem: Problem, padded: _Padded | None = None) -> float:

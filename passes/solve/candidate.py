@@ -45,6 +45,7 @@ def solve(problem: Problem, *, time_limit_s: float = 60, mip_gap: float = 1e-4,
     `cutoff`: an objective another candidate already reaches; the MILP stops proving once it knows
     it cannot beat it (the returned gap is then relative to that proof).
     """
+    from fxplan.passes.solve.bounds import lower_bound
     from fxplan.passes.solve.heuristic import heuristic
     from fxplan.passes.solve.milp import solve_milp
     from fxplan.passes.solve.presolve import drop_dominated, merge_parallel_edges
@@ -60,6 +61,11 @@ def solve(problem: Problem, *, time_limit_s: float = 60, mip_gap: float = 1e-4,
         val = score(problem, h[0], reduced.to_original(h[1]))
         if val is not None:
             best = (val, tuple(h[0]), reduced.to_original(h[1]))
+    floor = lower_bound(problem)
+    if best is not None and best[0] > 0 and np.isfinite(floor) and (best[0] - floor) / best[0] <= mip_gap:
+        # the incumbent is already within the gap of a proven bound: no MILP to run
+        return Solution(best[1], best[2], best[0], "optimal", max((best[0] - floor) / best[0], 0.0),
+                        time.perf_counter() - t0, floor)
     left = time_limit_s - (time.perf_counter() - t0)
     cuts = [v for v in (best[0] if best is not None else None, cutoff) if v is not None]
     cut = min(cuts) if cuts else None
@@ -70,7 +76,7 @@ def solve(problem: Problem, *, time_limit_s: float = 60, mip_gap: float = 1e-4,
         if val is not None and (best is None or val < best[0] * (1 - 1e-12)):
             best = (val, res.stage_of, strategies)
     seconds = time.perf_counter() - t0
-    bound = res.bound if np.isfinite(res.bound) else 0.0
+    bound = max(res.bound if np.isfinite(res.bound) else 0.0, floor)
     if res.status == "cutoff":  # proven: nothing (up to the MIP gap) beats the cutoff
         bound = max(bound, min(best[0] if best is not None else cut, cut) / (1 + mip_gap))
     if best is None:

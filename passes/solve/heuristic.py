@@ -1,12 +1,16 @@
-"""A fast incumbent for the MILP: alternate an exact stage-split DP and per-stage strategy choice.
+"""A fast incumbent for the MILP: alternate an exact stage-split DP and per-stage strategy choice,
+then a local search on the cuts.
 
 * place_stages(strategies): with strategies fixed, a layer's time (own F+B+W plus the reshard of its
   incoming edges) and a cut's transfer time no longer depend on where the stages are cut. For a
   bottleneck cap B the DP over (stage, cut position) minimising the summed transfers subject to every
   stage time, transfer and memory fitting is exact; caps are visited in ascending order until (c-1)*B
   alone loses.
-* choose_strategies(stage_of): per stage, a Viterbi pass over its layers (chain edges priced) minimising
-  time + mu * memory, with mu bisected until the stage fits its memory (Lagrangian relaxation).
+* choose_strategies(stage_of): per stage, a Viterbi pass over its layers (chain edges priced, edges to
+  other stages at their current strategies) minimising c * time + sync + mu * memory, mu bisected
+  until the stage fits (Lagrangian relaxation), then a greedy knapsack spending the memory left.
+* rebalance: the slowest stage hands a layer towards another stage, the stages between choose anew;
+  layers outside runs try every strategy against the whole objective.
 No torch; returns (stage_of, strategy_of) or None when nothing feasible was found.
 """
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fxplan.passes.solve.presolve import segments
 from fxplan.passes.solve.problem import Problem, evaluate, in_flight, segment_max
 
 
@@ -99,28 +104,67 @@ def place_stages(problem: Problem, strategy_of, best: float = np.inf):
     return found
 
 
-def choose_strategies(problem: Problem, stage_of) -> tuple[int, ...] | None:
-    """Per stage, strategies minimising time + mu * memory, mu the smallest that fits."""
-    pp, c, L = problem.pp, problem.microbatches, problem.num_layers
-    times = _times(problem)
-    chain = {e.dst: e for e in problem.edges if e.src == e.dst - 1}
+def choose_strategies(problem: Problem, stage_of, chooser: "StageChooser | None" = None,
+                      around=None) -> tuple[int, ...] | None:
+    """Per stage, strategies minimising time + mu * memory, mu the smallest that fits; `around`, the
+    current strategies, prices the edges that leave or enter a stage."""
+    chooser = chooser or StageChooser(problem)
     out: list[int] = []
-    for i in range(pp):
-        layers = [u for u in range(L) if stage_of[u] == i]
-        f = in_flight(problem.schedule, pp, c, i)
+    for i in range(problem.pp):
+        ks = chooser(i, [u for u in range(problem.num_layers) if stage_of[u] == i], around)
+        if ks is None:
+            return None
+        out += ks
+    return tuple(out)
+
+
+class StageChooser:
+    """One stage's strategies for its layers, cached by what decides them: the activations it holds
+    in flight and its layers up to identity (the layers of a run of identical ones are alike)."""
+
+    def __init__(self, problem: Problem):
+        self.problem = problem
+        self.times = _times(problem)
+        self.chain = {e.dst: e for e in problem.edges if e.src == e.dst - 1}
+        self.alike = {u: s.first for s in segments(problem) for u in range(s.first, s.last + 1)}
+        self.cache: dict[tuple, list[int] | None] = {}
+
+    def __call__(self, stage: int, layers: list[int], around=None) -> list[int] | None:
+        """`around`: strategies of the other layers; the resharding of an edge between a layer here
+        and one elsewhere is priced at the other end's strategy (None: not priced)."""
+        problem = self.problem
+        f = in_flight(problem.schedule, problem.pp, problem.microbatches, stage)
+        inside = set(layers)
+        outer = () if around is None else tuple(
+            (n, int(around[e.src]) if e.dst in inside else -1 - int(around[e.dst]))
+            for n, e in enumerate(problem.edges) if (e.src in inside) != (e.dst in inside))
+        key = (f, tuple(self.alike[u] for u in layers), outer)
+        if key not in self.cache:
+            self.cache[key] = self._choose(f, layers, outer)
+        return self.cache[key]
+
+    def _choose(self, f: int, layers: list[int], outer) -> list[int] | None:
+        problem, c, chain = self.problem, self.problem.microbatches, self.chain
         # a working set counted per layer (not the stage's largest): the safe side for a heuristic
         mem = [np.maximum(problem.placed_fixed(u) + f * np.asarray(problem.mem_act[u])
                           + (problem.mem_work[u] if problem.mem_work else 0.0),
                           problem.mem_peak[u] if problem.mem_peak else 0.0) for u in layers]
-        cost = [times[u] + problem.sync[u] for u in layers]
+        # a layer's time and its resharding are paid per microbatch, its gradient sync once per iteration
+        cost = [c * self.times[u] + problem.sync[u] for u in layers]
+        where = {u: j for j, u in enumerate(layers)}
+        for n, k in outer:
+            e = problem.edges[n]
+            if k >= 0:
+                cost[where[e.dst]] = cost[where[e.dst]] + c * e.reshard[k, :]
+            else:
+                cost[where[e.src]] = cost[where[e.src]] + c * e.reshard[:, -1 - k]
+        trans = [c * chain[u].reshard if u in chain and u - 1 in where else None for u in layers]
 
         def viterbi(mu: float):
             acc = cost[0] + mu * mem[0]
             backs = []
             for j in range(1, len(layers)):
-                u = layers[j]
-                trans = chain[u].reshard if u in chain else np.zeros((len(acc), len(cost[j])))
-                tot = acc[:, None] + trans
+                tot = acc[:, None] + (trans[j] if trans[j] is not None else 0.0)
                 b = np.argmin(tot, axis=0)
                 backs.append(b)
                 acc = tot[b, np.arange(tot.shape[1])] + cost[j] + mu * mem[j]
@@ -131,23 +175,70 @@ def choose_strategies(problem: Problem, stage_of) -> tuple[int, ...] | None:
             return ks, sum(mem[j][ks[j]] for j in range(len(layers)))
 
         ks, m = viterbi(0.0)
-        if m > problem.memory_limit:
-            scale = sum(float(np.max(x)) for x in cost) / max(problem.memory_limit, 1e-30)
-            hi = scale
-            while viterbi(hi)[1] > problem.memory_limit and hi < scale * 1e12:
-                hi *= 10
-            lo = 0.0
-            for _ in range(40):
-                mid = (lo + hi) / 2
-                if viterbi(mid)[1] > problem.memory_limit:
-                    lo = mid
-                else:
-                    hi = mid
-            ks, m = viterbi(hi)
-            if m > problem.memory_limit * (1 + 1e-9):
-                return None
-        out += ks
-    return tuple(out)
+        if m <= problem.memory_limit:
+            return ks
+        scale = sum(float(np.max(x)) for x in cost) / max(problem.memory_limit, 1e-30)
+        hi = scale
+        while viterbi(hi)[1] > problem.memory_limit and hi < scale * 1e12:
+            hi *= 10
+        lo = 0.0
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            if viterbi(mid)[1] > problem.memory_limit:
+                lo = mid
+            else:
+                hi = mid
+        ks, m = viterbi(hi)
+        if m > problem.memory_limit * (1 + 1e-9):
+            return None
+        zero = [np.zeros(len(x)) for x in cost]
+        parts = [(problem.placed_fixed(u) + f * np.asarray(problem.mem_act[u]),
+                  problem.mem_work[u] if problem.mem_work else zero[j],
+                  problem.mem_peak[u] if problem.mem_peak else zero[j]) for j, u in enumerate(layers)]
+        return _fill(ks, cost, parts, trans, problem.memory_limit)
+
+
+def _fill(ks: list[int], cost, parts, trans, limit: float) -> list[int]:
+    """Spend the memory the Lagrangian choice leaves free: it picks one strategy for all alike layers
+    (identical cost vectors share an argmin), where the best stage mixes a fast, memory-hungry strategy
+    on some layers with a lean one on the rest. Greedy knapsack: switch the one layer whose change
+    saves the most time per byte added (or saves time and bytes), while the stage fits as placed:
+    max(sum act + largest work, sum peak), `parts` giving per layer those three [K] arrays."""
+    ks = list(ks)
+    n = len(ks)
+    act, work, peak = ([np.asarray(p[q], float) for p in parts] for q in range(3))
+    sum_a = sum(act[j][ks[j]] for j in range(n))
+    sum_p = sum(peak[j][ks[j]] for j in range(n))
+    for _ in range(4 * n * max(len(c) for c in cost)):
+        w_now = np.array([work[j][ks[j]] for j in range(n)])
+        order = np.argsort(w_now)[::-1]
+        best = None
+        used = max(sum_a + w_now.max(initial=0.0), sum_p)
+        for j in range(n):
+            dt = cost[j] - cost[j][ks[j]]
+            if j > 0 and trans[j] is not None:
+                dt = dt + trans[j][ks[j - 1], :] - trans[j][ks[j - 1], ks[j]]
+            if j + 1 < n and trans[j + 1] is not None:
+                dt = dt + trans[j + 1][:, ks[j + 1]] - trans[j + 1][ks[j], ks[j + 1]]
+            others = w_now[order[0]] if order[0] != j else (w_now[order[1]] if n > 1 else 0.0)
+            new = np.maximum(sum_a - act[j][ks[j]] + act[j] + np.maximum(work[j], others),
+                             sum_p - peak[j][ks[j]] + peak[j])
+            dm = new - used
+            ok = (dt < -1e-15 * max(1.0, float(np.max(np.abs(cost[j]))))) & (new <= limit)
+            if not ok.any():
+                continue
+            ratio = np.where(ok, np.where(dm > 0, -dt / np.maximum(dm, 1e-300), np.inf), -np.inf)
+            k = int(np.argmax(ratio))
+            key = (ratio[k], -dt[k])
+            if best is None or key > best[0]:
+                best = (key, j, k)
+        if best is None:
+            break
+        _, j, k = best
+        sum_a += act[j][k] - act[j][ks[j]]
+        sum_p += peak[j][k] - peak[j][ks[j]]
+        ks[j] = k
+    return ks
 
 
 def heuristic(problem: Problem, rounds: int = 4):
@@ -155,6 +246,7 @@ def heuristic(problem: Problem, rounds: int = 4):
     L, pp = problem.num_layers, problem.pp
     if L < pp:
         return None
+    chooser = StageChooser(problem)
     best_val, best = np.inf, None
     # starts: every layer at its fastest strategy, and at its smallest-memory one
     starts = [tuple(int(np.argmin(t)) for t in _times(problem)),
@@ -169,7 +261,7 @@ def heuristic(problem: Problem, rounds: int = 4):
             else:
                 # nothing fits with these strategies: balance layer counts and let choose_strategies() fix memory
                 stage_of = tuple(min(pp - 1, u * pp // L) for u in range(L))
-            new = choose_strategies(problem, stage_of)
+            new = choose_strategies(problem, stage_of, chooser, around=strategies)
             if new is None:
                 break
             ev = evaluate(problem, stage_of, new)
@@ -178,4 +270,63 @@ def heuristic(problem: Problem, rounds: int = 4):
             if new == strategies:
                 break
             strategies = new
-    return best
+    return best if best is None else rebalance(problem, chooser, *best, value=best_val)
+
+
+def rebalance(problem: Problem, chooser: StageChooser, stage_of, strategy_of, value: float,
+              moves: int | None = None):
+    """Local search on the cuts: the slowest stage hands one layer towards another stage b (every cut
+    between them shifts by one), the stages in between choose their strategies anew. The split DP
+    alone cannot do this: it moves layers with their strategies, so a stage that must use a lean,
+    slow strategy to fit keeps it after the cut moves. Returns the best assignment found."""
+    pp, L = problem.pp, problem.num_layers
+    stage_of, strategy_of = list(stage_of), list(strategy_of)
+    for _ in range(moves if moves is not None else 4 * pp):
+        p = evaluate(problem, stage_of, strategy_of).stage_compute_s
+        a = int(np.argmax(p))
+        starts = [stage_of.index(i) for i in range(pp)] + [L]
+        found = None
+        for b in range(pp):
+            if b == a:
+                continue
+            new = list(starts)
+            for j in (range(a + 1, b + 1) if b > a else range(b + 1, a + 1)):
+                new[j] += -1 if b > a else 1
+            if any(new[j] >= new[j + 1] for j in range(pp)):
+                continue
+            stages = [i for i in range(pp) for _ in range(new[i + 1] - new[i])]
+            strategies = list(strategy_of)
+            for i in range(min(a, b), max(a, b) + 1):
+                ks = chooser(i, list(range(new[i], new[i + 1])), strategies)
+                if ks is None:
+                    break
+                strategies[new[i]:new[i + 1]] = ks
+            else:
+                ev = evaluate(problem, stages, strategies)
+                if ev.feasible and ev.iteration_s < (found[0] if found else value) * (1 - 1e-12):
+                    found = (ev.iteration_s, stages, strategies)
+        if found is None:
+            found = _retune_singletons(problem, chooser, stage_of, strategy_of, value)
+        if found is None:
+            break
+        value, stage_of, strategy_of = found
+    return tuple(stage_of), tuple(strategy_of)
+
+
+def _retune_singletons(problem: Problem, chooser: StageChooser, stage_of, strategy_of, value: float):
+    """The best single strategy change of a layer outside every run, scored on the whole objective: a
+    stage's choice sees only its own chain, not what an edge to another stage (a tied embedding's
+    weight reaching the head) costs there. Runs are left to the stage choice; None when nothing helps."""
+    found = None
+    for u in range(problem.num_layers):
+        if chooser.alike[u] != u or (u + 1 < problem.num_layers and chooser.alike[u + 1] == u):
+            continue
+        for k in range(problem.num_strategies(u)):
+            if k == strategy_of[u]:
+                continue
+            strategies = list(strategy_of)
+            strategies[u] = k
+            ev = evaluate(problem, stage_of, strategies)
+            if ev.feasible and ev.iteration_s < (found[0] if found else value) * (1 - 1e-12):
+                found = (ev.iteration_s, list(stage_of), strategies)
+    return found

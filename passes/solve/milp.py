@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import cvxpy as cp
 import numpy as np
 
+from fxplan.passes.solve.bounds import min_bottleneck
 from fxplan.passes.solve.problem import Problem, in_flight
 from fxplan.passes.solve.presolve import Segment, endpoint_classes, segments
 
@@ -197,6 +198,16 @@ def solve_milp(problem: Problem, *, time_limit_s: float, mip_gap: float = 1e-4,
         blocks = T @ Min + fs
         cons += [T >= 0, T[:, diag] == 0, cp.sum(fs, axis=1) == og, cp.sum(ls, axis=1) == og,
                  T @ Min + fs == T @ Mout + ls, blocks <= X, X <= n * blocks]
+        if C >= 3:
+            # Flow balance alone admits a cycle of transitions detached from the stage's path (two
+            # classes visiting each other), priced as if it were one chain but not arrangeable as
+            # one. A single-commodity flow from the first class to every class used, along
+            # transitions taken, makes them one connected walk (with the balance: an Euler path).
+            used = cp.Variable((pp, C), boolean=True)
+            supply = cp.Variable((pp, C), nonneg=True)
+            carry = cp.Variable((pp, C * C), nonneg=True)
+            cons += [X <= n * used, used <= X, supply <= C * fs, carry <= C * T,
+                     carry @ Min - carry @ Mout + supply == used]
         Rflat = R.reshape(-1).copy()
         Rflat[diag] = 0.0
         intra = T @ Rflat + (X - blocks) @ np.diag(R)
@@ -261,6 +272,11 @@ def solve_milp(problem: Problem, *, time_limit_s: float, mip_gap: float = 1e-4,
     tot = cp.sum(cp.hstack([cp.reshape(t, (1,), order="C") if isinstance(t, cp.Expression) else np.array([t])
                             for t in total]))
     cons += [bott >= sum(stage_time), bott * pp >= tot]
+    # the stage-split DP's bound on the bottleneck (indivisible layers, each stage's memory knapsack):
+    # valid for every assignment, and far above what the LP relaxation finds alone
+    floor = min_bottleneck(problem)
+    if np.isfinite(floor) and floor > 0:
+        cons.append(bott >= floor * ts * (1 - 1e-9))
     bsum = 0
     if pp > 1 and boundary:
         o = sum(boundary)

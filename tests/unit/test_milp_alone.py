@@ -11,7 +11,7 @@ import pytest
 from fxplan.passes.solve.exhaustive import exhaustive
 from fxplan.passes.solve.milp import solve_milp
 from fxplan.passes.solve.presolve import segments
-from fxplan.passes.solve.problem import Problem, evaluate
+from fxplan.passes.solve.problem import Edge, Problem, evaluate
 from solver_problems import random_problem
 
 CASES = [dict(seed=s, layers=(3, 4, 5)[s % 3], max_strategies=3 if s % 3 == 2 else 4,
@@ -102,3 +102,27 @@ def test_milp_alone_never_slower_than_grid_on_its_candidate(spec, nodes):
     got = solve_milp(problem, time_limit_s=30, mip_gap=1e-6)
     assert got.status == "optimal"
     assert evaluate(problem, got.stage_of, got.strategy_of).iteration_s <= grid.evaluation.iteration_s * (1 + 1e-6)
+
+
+def test_a_run_of_three_classes_is_priced_as_one_walk():
+    # A run of 4 identical layers between two singletons that only take class c at its ends. Classes
+    # a and b are fast and switch between each other almost for free; entering or leaving c costs 5.
+    # Flow balance alone would let a and b form a cycle beside a one-layer path "c" (6.6 s); no
+    # arrangement of 4 layers realises that, and the best one is all c (12 s).
+    t = np.array([1.0, 1.5, 3.0])
+    zero3, one = np.zeros(3), np.zeros(1)
+    chain = np.array([[0.0, 0.0, 5.0], [0.1, 0.0, 5.0], [5.0, 5.0, 0.0]])
+    enter = np.array([[50.0, 50.0, 0.0]])  # singleton -> a, b, c
+    leave = np.array([[50.0], [50.0], [0.0]])  # a, b, c -> singleton
+    fwd = (one,) + (t,) * 4 + (one,)
+    zeros = (one,) + (zero3,) * 4 + (one,)
+    edges = (Edge(0, 1, enter, np.zeros(1)), *(Edge(u, u + 1, chain, zero3) for u in range(1, 4)),
+             Edge(4, 5, leave, zero3))
+    problem = Problem(1, 1, "gpipe", fwd, zeros, zeros, zeros, zeros, zeros, edges, float("inf"))
+    assert [s.n for s in segments(problem)] == [1, 4, 1]
+    want = exhaustive(problem)
+    assert want.objective == pytest.approx(12.0)
+    got = solve_milp(problem, time_limit_s=30, mip_gap=0.0)
+    assert got.status == "optimal"
+    assert got.objective == pytest.approx(12.0)
+    assert evaluate(problem, got.stage_of, got.strategy_of).iteration_s == pytest.approx(12.0)
