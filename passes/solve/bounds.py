@@ -8,7 +8,7 @@ where a layer has fewer strategies), so each stage costs a few numpy calls, not 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -113,7 +113,8 @@ def lower_bound(problem: Problem, quick: bool = False) -> float:
     plain = float(np.min(np.where(fits, m.time, np.inf), axis=1).sum())
     # sum_i p_i is at least the layers' own fastest times, and at least the largest p_i
     bottleneck = min_bottleneck(problem, m)
-    return max(best, beta * max(plain, bottleneck) + (c - beta) * bottleneck)
+    weighted = min_weighted_bottleneck(problem, m) if np.any(m.sync > 0) else 0.0
+    return max(best, beta * max(plain, bottleneck) + max((c - beta) * bottleneck, weighted))
 
 
 def _stage_dp(L: int, pp: int, segment_cost) -> float:
@@ -128,8 +129,9 @@ def _stage_dp(L: int, pp: int, segment_cost) -> float:
     return float(best[L])
 
 
-def min_bottleneck(problem: Problem, padded: _Padded | None = None) -> float:
-    """A bound <= max_i p_i of every memory-feasible assignment (exact DP over contiguous splits).
+def min_bottleneck(problem: Problem, padded: _Padded | None = None, sync_weight: float = 0.0) -> float:
+    """A bound <= max_i p_i of every memory-feasible assignment (exact DP over contiguous splits);
+    with `sync_weight` w > 0, a bound <= max_i (p_i + w sync_i) instead.
 
     On stage i a layer costs at least its fastest strategy that fits there alone, and a stage's
     layers must fit together at their smallest footprints there. Layers are indivisible, so this
@@ -139,6 +141,8 @@ def min_bottleneck(problem: Problem, padded: _Padded | None = None) -> float:
     if L < pp:
         return float("inf")
     m = padded or _padded(problem)
+    if sync_weight > 0:
+        m = replace(m, time=m.time + sync_weight * m.sync)
     limit = problem.memory_limit * (1 + 1e-9)
     costs: dict[int, np.ndarray] = {}  # stages holding equally many microbatches share their costs
 
@@ -155,6 +159,16 @@ def min_bottleneck(problem: Problem, padded: _Padded | None = None) -> float:
         return costs[f]
 
     return _stage_dp(L, pp, segment)
+
+
+def min_weighted_bottleneck(problem: Problem, padded: _Padded | None = None) -> float:
+    """A bound <= (c - beta) max_i p_i + max_i sync_i: both maxima are at least stage i's, for the
+    stage where (c - beta) p_i + sync_i is largest. Bounding the two apart loses the trade a layer
+    makes between them (a strategy without gradient sync is slow), which is most of an MLP's sync."""
+    weight = problem.microbatches - problem.bubble_share
+    if weight <= 0:
+        return 0.0
+    return weight * min_bottleneck(problem, padded, sync_weight=1.0 / weight)
 
 
 MAX_MULTIPLIERS = 256
@@ -196,8 +210,11 @@ def _hull_slopes(t: np.ndarray, held: np.ndarray) -> np.ndarray:
     """The distinct -dtime/dbytes between neighbours on each layer's lower convex hull of its usable
     strategies' (bytes, time) points: where min_k (t + mu bytes) changes its argmin."""
     slopes: set[float] = set()
-    for row_t, row_m in {(tuple(a), tuple(b)) for a, b in zip(t, held)}:
-        pts = sorted((mm, tt) for tt, mm in zip(row_t, row_m) if np.isfinite(tt))
+    K = t.shape[1]
+    for row in np.unique(np.concatenate([t, held], axis=1), axis=0):  # alike layers once
+        keep = np.isfinite(row[:K])
+        order = np.lexsort((row[:K][keep], row[K:][keep]))
+        pts = list(zip(row[K:][keep][order].tolist(), row[:K][keep][order].tolist()))
         hull: list[tuple[float, float]] = []
         for mm, tt in pts:
             if hull and tt >= hull[-1][1]:

@@ -38,12 +38,14 @@ def score(problem: Problem, stage_of, strategy_of) -> float | None:
 
 
 def solve(problem: Problem, *, time_limit_s: float = 60, mip_gap: float = 1e-4,
-          cutoff: float | None = None) -> Solution:
+          cutoff: float | None = None, milp: bool = True, start: Solution | None = None) -> Solution:
     """Best (stage, strategy) assignment of one candidate under problem.evaluate.
 
     status "time_limit" comes with the proven relative gap.
     `cutoff`: an objective another candidate already reaches; the MILP stops proving once it knows
     it cannot beat it (the returned gap is then relative to that proof).
+    `milp=False`: the heuristic and the bound only ("optimal" when they meet within the gap, else
+    "time_limit"); `start`: such an earlier result, whose heuristic is not run again.
     """
     from fxplan.passes.solve.bounds import lower_bound
     from fxplan.passes.solve.heuristic import heuristic
@@ -56,15 +58,24 @@ def solve(problem: Problem, *, time_limit_s: float = 60, mip_gap: float = 1e-4,
     reduced = drop_dominated(merge_parallel_edges(problem))
     small = reduced.problem
     best: tuple[float, tuple, tuple] | None = None
-    h = heuristic(small)
-    if h is not None:
-        val = score(problem, h[0], reduced.to_original(h[1]))
-        if val is not None:
-            best = (val, tuple(h[0]), reduced.to_original(h[1]))
-    floor = lower_bound(problem)
+    if start is not None:
+        best = (start.objective, start.stage_of, start.strategy_of) if start.stage_of else None
+        floor = start.bound
+    else:
+        h = heuristic(small)
+        if h is not None:
+            val = score(problem, h[0], reduced.to_original(h[1]))
+            if val is not None:
+                best = (val, tuple(h[0]), reduced.to_original(h[1]))
+        floor = lower_bound(problem)
     if best is not None and best[0] > 0 and np.isfinite(floor) and (best[0] - floor) / best[0] <= mip_gap:
         # the incumbent is already within the gap of a proven bound: no MILP to run
         return Solution(best[1], best[2], best[0], "optimal", max((best[0] - floor) / best[0], 0.0),
+                        time.perf_counter() - t0, floor)
+    if not milp:
+        if best is None:
+            return Solution((), (), float("inf"), "time_limit", float("inf"), time.perf_counter() - t0, floor)
+        return Solution(best[1], best[2], best[0], "time_limit", (best[0] - floor) / best[0],
                         time.perf_counter() - t0, floor)
     left = time_limit_s - (time.perf_counter() - t0)
     cuts = [v for v in (best[0] if best is not None else None, cutoff) if v is not None]

@@ -306,27 +306,70 @@ def rebalance(problem: Problem, chooser: StageChooser, stage_of, strategy_of, va
                 if ev.feasible and ev.iteration_s < (found[0] if found else value) * (1 - 1e-12):
                     found = (ev.iteration_s, stages, strategies)
         if found is None:
-            found = _retune_singletons(problem, chooser, stage_of, strategy_of, value)
+            found = _retune(problem, stage_of, strategy_of, value)
         if found is None:
             break
         value, stage_of, strategy_of = found
     return tuple(stage_of), tuple(strategy_of)
 
 
-def _retune_singletons(problem: Problem, chooser: StageChooser, stage_of, strategy_of, value: float):
-    """The best single strategy change of a layer outside every run, scored on the whole objective: a
-    stage's choice sees only its own chain, not what an edge to another stage (a tied embedding's
-    weight reaching the head) costs there. Runs are left to the stage choice; None when nothing helps."""
-    found = None
-    for u in range(problem.num_layers):
-        if chooser.alike[u] != u or (u + 1 < problem.num_layers and chooser.alike[u + 1] == u):
-            continue
-        for k in range(problem.num_strategies(u)):
-            if k == strategy_of[u]:
+def _retune(problem: Problem, stage_of, strategy_of, value: float, sweeps: int = 3):
+    """Coordinate descent on the whole objective: each layer in turn takes its best strategy with all
+    else fixed, every strategy of it priced at once from the stage sums (its stage's time, sync and
+    memory, the stages its out-edges reach, the boundaries their sends cross). A stage's choice sees
+    only its own layers and prices an edge to another stage at that end's current strategy, so a
+    strategy whose worth shows only in the max terms or at a far stage is missed there.
+    Returns (value, stage_of, strategy_of) when it improved on `value`, else None."""
+    pp, c, L = problem.pp, problem.microbatches, problem.num_layers
+    beta, limit = problem.bubble_share, problem.memory_limit * (1 + 1e-9)
+    stage_of, ks = list(stage_of), list(strategy_of)
+    ins = {u: [e for e in problem.edges if e.dst == u] for u in range(L)}
+    outs = {u: [e for e in problem.edges if e.src == u] for u in range(L)}
+    flight = [problem.in_flight(i) for i in range(pp)]
+    times = _times(problem)
+    held = [problem.placed_fixed(u) + flight[stage_of[u]] * np.asarray(problem.mem_act[u]) for u in range(L)]
+    zero = [np.zeros(problem.num_strategies(u)) for u in range(L)]
+    work = problem.mem_work or zero
+    peak = problem.mem_peak or zero
+    improved = None
+    for _ in range(sweeps):
+        changed = False
+        for u in range(L):
+            ev = evaluate(problem, stage_of, ks)
+            p, o = np.array(ev.stage_compute_s), np.array(ev.boundary_s)
+            sync = np.zeros(pp)
+            act, peaks = np.zeros(pp), np.zeros(pp)
+            for v in range(L):
+                sync[stage_of[v]] += problem.sync[v][ks[v]]
+                act[stage_of[v]] += held[v][ks[v]]
+                peaks[stage_of[v]] += peak[v][ks[v]]
+            i, cur = stage_of[u], ks[u]
+            K = problem.num_strategies(u)
+            P = np.tile(p, (K, 1))
+            O = np.tile(o, (K, 1)) if pp > 1 else np.zeros((K, 0))
+            S = np.tile(sync, (K, 1))
+            P[:, i] += times[u] - times[u][cur]
+            S[:, i] += problem.sync[u] - problem.sync[u][cur]
+            for e in ins[u]:
+                P[:, i] += e.reshard[ks[e.src], :] - e.reshard[ks[e.src], cur]
+            for e in outs[u]:
+                P[:, stage_of[e.dst]] += e.reshard[:, ks[e.dst]] - e.reshard[cur, ks[e.dst]]
+                O[:, i:stage_of[e.dst]] += (e.send - e.send[cur])[:, None]
+            others = max((work[v][ks[v]] for v in range(L) if stage_of[v] == i and v != u), default=0.0)
+            mem = np.maximum(act[i] - held[u][cur] + held[u] + np.maximum(others, work[u]),
+                             peaks[i] - peak[u][cur] + peak[u])
+            total = (beta * (P.sum(axis=1) + O.sum(axis=1))
+                     + (c - beta) * np.maximum(P.max(axis=1), O.max(axis=1, initial=0.0)) + S.max(axis=1))
+            total = np.where(mem <= limit, total, np.inf)
+            k = int(np.argmin(total))
+            if k == cur or total[k] >= value * (1 - 1e-12):
                 continue
-            strategies = list(strategy_of)
-            strategies[u] = k
-            ev = evaluate(problem, stage_of, strategies)
-            if ev.feasible and ev.iteration_s < (found[0] if found else value) * (1 - 1e-12):
-                found = (ev.iteration_s, list(stage_of), strategies)
-    return found
+            trial = list(ks)
+            trial[u] = k
+            ev = evaluate(problem, stage_of, trial)
+            if ev.feasible and ev.iteration_s < value * (1 - 1e-12):
+                value, ks, changed = ev.iteration_s, trial, True
+                improved = (value, list(stage_of), list(ks))
+        if not changed:
+            break
+    return improved

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import cvxpy as cp
 import numpy as np
 
-from fxplan.passes.solve.bounds import min_bottleneck
+from fxplan.passes.solve.bounds import min_bottleneck, min_weighted_bottleneck
 from fxplan.passes.solve.problem import Problem, in_flight
 from fxplan.passes.solve.presolve import Segment, endpoint_classes, segments
 
@@ -277,6 +277,9 @@ def solve_milp(problem: Problem, *, time_limit_s: float, mip_gap: float = 1e-4,
     floor = min_bottleneck(problem)
     if np.isfinite(floor) and floor > 0:
         cons.append(bott >= floor * ts * (1 - 1e-9))
+    weighted = min_weighted_bottleneck(problem) if stage_sync else 0.0
+    if np.isfinite(weighted) and weighted > 0:
+        cons.append((c - problem.bubble_share) * bott + ymax >= weighted * ts * (1 - 1e-9))
     bsum = 0
     if pp > 1 and boundary:
         o = sum(boundary)

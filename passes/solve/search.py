@@ -124,9 +124,16 @@ def search(make_problem: Callable[[int, int, str], Problem | None], candidates: 
     rank = {better: max(quick[better], order[worse_]) for worse_, better in dominated.items() if worse_ in order}
     late = time.perf_counter() >= end and costly is not None  # no time left: try a cheap candidate first
 
+    # Two passes: every candidate first gets the heuristic and its own bound (a second or less), so
+    # the incumbent the MILPs are cut off with, and the bounds are pruned against, is already the best
+    # of the heuristics; only then do the candidates still open get a MILP, best bound first.
+    screened: dict[Candidate, Solution | None] = {}
+    waiting: dict[Candidate, float] = {}  # screened, open, queued for the MILP pass: its bound
+    deferred: dict[Candidate, int] = {}
+
     def key(bound: float, it) -> tuple:
-        return (late and bool(costly(it[2])), not it[4], max(rank.get(it[2], bound), bound), it[1],
-                it[2][0], it[2][1])
+        return (it[2] in screened, late and bool(costly(it[2])), not it[4], max(rank.get(it[2], bound), bound),
+                it[1], it[2][0], it[2][1])
 
     # best bound first, lazily: a candidate's full bound (the stage-split DP) is computed when it
     # reaches the front, and it goes back into the queue when that bound puts it behind another
@@ -151,13 +158,23 @@ def search(make_problem: Callable[[int, int, str], Problem | None], candidates: 
             results[cand] = CandidateResult(cand, bound, "infeasible", None, min_memory(cheap))
             continue
         dom = dominated.get(cand)
+        waiting.pop(cand, None)
+        if dom in waiting and deferred.get(cand, 0) < 2:
+            # its dominator waits for its MILP: decide this one after it (queued no earlier than it)
+            screened.setdefault(cand, None)
+            deferred[cand] = deferred.get(cand, 0) + 1
+            later = (max(bound, waiting[dom]),) + it[1:]
+            heapq.heappush(queue, (key(later[0], later), n, later))
+            continue
         if (dom in results and dom in problems and results[dom].outcome != "infeasible"
                 and _dominates(problems[dom], exact(cand))):
             outcome = "dominated" if results[dom].outcome != "cut" else "cut"
             results[cand] = CandidateResult(cand, max(bound, results[dom].bound), outcome)
             continue
         if best is not None and bound >= best[0].objective * (1 - mip_gap):
-            results[cand] = CandidateResult(cand, bound, "pruned")
+            own = best[2] == cand  # the incumbent's own candidate: its heuristic is proven within the gap
+            results[cand] = CandidateResult(cand, bound, "solved" if own else "pruned",
+                                            best[0] if own else None)
             continue
         if bound_problem is not None and best is not None and time.perf_counter() < end:
             # the exact problem may bound tighter than the cheap one (its bubble share is known now):
@@ -174,15 +191,28 @@ def search(make_problem: Callable[[int, int, str], Problem | None], candidates: 
         # with no plan at all yet the best-bound candidate is still tried: its heuristic takes a
         # fraction of a second and HiGHS gets its minimum, a small overrun rather than no plan
         problem = exact(cand)
+        cutoff = best[0].objective if best is not None else None
         if method == "exhaustive":
             sol = exhaustive(problem)
+            visited.append(cand)
+        elif cand not in screened:
+            screened[cand] = sol = solve(problem, mip_gap=mip_gap, milp=False)
+            visited.append(cand)
+            if sol.status == "time_limit":  # open: back into the queue for the MILP pass
+                bound = max(bound, sol.bound)
+                if sol.stage_of:
+                    results[cand] = CandidateResult(cand, bound, "cut", sol)
+                    if best is None or sol.objective < best[0].objective:
+                        best = (sol, problem, cand)
+                it = (bound,) + it[1:]
+                waiting[cand] = bound
+                heapq.heappush(queue, (key(bound, it), n, it))
+                continue
         else:
             # share what is left among the candidates still to visit, but give this one most of it:
             # the best-bound candidate is usually the winner
             share = max(min(max(left / max(1, min(3, len(queue) + 1)), 0.5), left), 0.0)
-            cutoff = best[0].objective if best is not None else None
-            sol = solve(problem, time_limit_s=share, mip_gap=mip_gap, cutoff=cutoff)
-        visited.append(cand)
+            sol = solve(problem, time_limit_s=share, mip_gap=mip_gap, cutoff=cutoff, start=screened[cand])
         if sol.status == "infeasible":
             results[cand] = CandidateResult(cand, float("inf"), "infeasible", sol, min_memory(problem))
             say(f"{label}: infeasible")
@@ -198,7 +228,7 @@ def search(make_problem: Callable[[int, int, str], Problem | None], candidates: 
             say(f"{label}: {sol.objective:.4g} s, proven not to beat {cutoff:.4g} s ({sol.seconds:.2f} s)")
         else:
             say(f"{label}: {sol.objective:.4g} s ({sol.status}, gap {sol.gap:.2%}, {sol.seconds:.2f} s)")
-        if best is None or sol.objective < best[0].objective:
+        if best is None or sol.objective < best[0].objective or (best[2] == cand and sol.objective <= best[0].objective):
             best = (sol, problem, cand)
     ordered = [results[c] for c in candidates if c in results]
     considered = len(items)
