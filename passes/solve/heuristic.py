@@ -331,18 +331,21 @@ def _retune(problem: Problem, stage_of, strategy_of, value: float, sweeps: int =
     zero = [np.zeros(problem.num_strategies(u)) for u in range(L)]
     work = problem.mem_work or zero
     peak = problem.mem_peak or zero
+    def sums():
+        """Per stage (and boundary) what the objective and memory read, for the current strategies."""
+        ev = evaluate(problem, stage_of, ks)
+        sync, act, peaks = np.zeros(pp), np.zeros(pp), np.zeros(pp)
+        for v in range(L):
+            sync[stage_of[v]] += problem.sync[v][ks[v]]
+            act[stage_of[v]] += held[v][ks[v]]
+            peaks[stage_of[v]] += peak[v][ks[v]]
+        return np.array(ev.stage_compute_s), np.array(ev.boundary_s), sync, act, peaks
+
     improved = None
     for _ in range(sweeps):
         changed = False
+        p, o, sync, act, peaks = sums()
         for u in range(L):
-            ev = evaluate(problem, stage_of, ks)
-            p, o = np.array(ev.stage_compute_s), np.array(ev.boundary_s)
-            sync = np.zeros(pp)
-            act, peaks = np.zeros(pp), np.zeros(pp)
-            for v in range(L):
-                sync[stage_of[v]] += problem.sync[v][ks[v]]
-                act[stage_of[v]] += held[v][ks[v]]
-                peaks[stage_of[v]] += peak[v][ks[v]]
             i, cur = stage_of[u], ks[u]
             K = problem.num_strategies(u)
             P = np.tile(p, (K, 1))
@@ -370,6 +373,7 @@ def _retune(problem: Problem, stage_of, strategy_of, value: float, sweeps: int =
             if ev.feasible and ev.iteration_s < value * (1 - 1e-12):
                 value, ks, changed = ev.iteration_s, trial, True
                 improved = (value, list(stage_of), list(ks))
+                p, o, sync, act, peaks = sums()
         if not changed:
             break
     return improved

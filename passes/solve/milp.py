@@ -24,6 +24,7 @@ sum_i p_i does not depend on stages and is written directly (a much tighter rela
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 
 import cvxpy as cp
@@ -301,7 +302,11 @@ def solve_milp(problem: Problem, *, time_limit_s: float, mip_gap: float = 1e-4,
         data, chain, inverse = prob.get_problem_data(solver="HIGHS", ignore_dpp=True, solver_opts=opts)
         opts["time_limit"] = float(max(time_limit_s - (time.perf_counter() - t0), MIN_HIGHS_S))
         raw = chain.solve_via_data(prob, data, False, verbose, opts)
-        prob.unpack_results(raw, chain, inverse)
+        with warnings.catch_warnings():
+            # "solution may be inaccurate": whatever comes back is re-scored and checked against memory
+            # by problem.evaluate before anyone uses it
+            warnings.simplefilter("ignore", UserWarning)
+            prob.unpack_results(raw, chain, inverse)
     except cp.error.SolverError:
         return MilpResult(None, None, float("inf"), 0.0, "time_limit", time.perf_counter() - t0)
     info = prob.solver_stats.extra_stats

@@ -131,8 +131,10 @@ def search(make_problem: Callable[[int, int, str], Problem | None], candidates: 
     waiting: dict[Candidate, float] = {}  # screened, open, queued for the MILP pass: its bound
     deferred: dict[Candidate, int] = {}
 
+    retry: set[Candidate] = set()  # cut by its share of the time, queued again for what is left at the end
+
     def key(bound: float, it) -> tuple:
-        return (it[2] in screened, late and bool(costly(it[2])), not it[4], max(rank.get(it[2], bound), bound),
+        return (2 if it[2] in retry else int(it[2] in screened), late and bool(costly(it[2])), not it[4], max(rank.get(it[2], bound), bound),
                 it[1], it[2][0], it[2][1])
 
     # best bound first, lazily: a candidate's full bound (the stage-split DP) is computed when it
@@ -211,7 +213,7 @@ def search(make_problem: Callable[[int, int, str], Problem | None], candidates: 
         else:
             # share what is left among the candidates still to visit, but give this one most of it:
             # the best-bound candidate is usually the winner
-            share = max(min(max(left / max(1, min(3, len(queue) + 1)), 0.5), left), 0.0)
+            share = max(min(max(left / max(1, min(3, len(waiting) + 1)), 0.5), left), 0.0)
             sol = solve(problem, time_limit_s=share, mip_gap=mip_gap, cutoff=cutoff, start=screened[cand])
         if sol.status == "infeasible":
             results[cand] = CandidateResult(cand, float("inf"), "infeasible", sol, min_memory(problem))
@@ -220,6 +222,14 @@ def search(make_problem: Callable[[int, int, str], Problem | None], candidates: 
         floor = max(bound, sol.bound)
         proven = sol.status in ("optimal", "cutoff")
         results[cand] = CandidateResult(cand, floor, "solved" if proven else "cut", sol)
+        if (method == "miqp" and not proven and cand not in retry
+                and end - time.perf_counter() > max(1.0, sol.seconds)):
+            # what the other candidates leave unused at the end goes to this one, from its best so far
+            retry.add(cand)
+            if sol.stage_of and (screened.get(cand) is None or sol.objective <= screened[cand].objective):
+                screened[cand] = replace(sol, bound=floor)
+            it = (floor,) + it[1:]
+            heapq.heappush(queue, (key(floor, it), n, it))
         if not sol.stage_of:
             say(f"{label}: cannot beat {cutoff:.4g} s ({sol.seconds:.2f} s)" if proven else
                 f"{label}: no plan within the time limit ({sol.seconds:.2f} s)")

@@ -62,5 +62,6 @@ def test_no_pin_beats_the_unpinned_plan(gpt96, pin):
     assert pin in cands
     sol = solve(costs.problem(*pin), time_limit_s=120, mip_gap=GAP)
     assert sol.objective >= res.best.objective * (1 - 0.005)
-    # the global bound is below what this pin reaches, so below its optimum's upper end
-    assert res.floor <= sol.objective
+    # the global bound is below what this pin reaches, so below its optimum's upper end (where the
+    # bound is exact, the two meet up to the bound's arithmetic)
+    assert res.floor <= sol.objective * (1 + 1e-9)
