@@ -15,6 +15,12 @@ import numpy as np
 from fxplan.passes.solve.problem import Problem, in_flight, segment_max
 
 
+CHAIN_BOUND_LAYERS = 64
+"""Chains up to this many layers get lower_bound(chain=True) before their MILP: a few tens of
+milliseconds there, seconds for a 100-layer chain of 80 strategies (whose runs of identical layers
+agree on layouts anyway)."""
+
+
 @dataclass(frozen=True)
 class _Padded:
     time: np.ndarray  # [L, K] F+I+W (+ split) of one microbatch; inf where no strategy
@@ -67,7 +73,7 @@ def _least_sums(m: _Padded, flight: int) -> np.ndarray:
     return act_phase if m.peak is None else np.maximum(act_phase, sums(m.peak))
 
 
-def lower_bound(problem: Problem, quick: bool = False) -> float:
+def lower_bound(problem: Problem, quick: bool = False, chain: bool = False) -> float:
     """A bound <= the optimum of `problem` under evaluate (inf when nothing fits memory).
 
     With T = sum_i p_i (>= the layers' own times; reshards and transfers are >= 0):
@@ -93,6 +99,8 @@ def lower_bound(problem: Problem, quick: bool = False) -> float:
     budget = pp * problem.memory_limit
 
     def dual(mu: float) -> float:
+        if mu == 0:  # no memory term (an infinite budget times 0 is not 0)
+            return float(np.min(W, axis=1).sum())
         return float(np.min(W + mu * Mem, axis=1).sum()) - mu * budget
 
     best = dual(0.0)
@@ -112,26 +120,31 @@ def lower_bound(problem: Problem, quick: bool = False) -> float:
         return best
     plain = float(np.min(np.where(fits, m.time, np.inf), axis=1).sum())
     # sum_i p_i is at least the layers' own fastest times, and at least the largest p_i
-    bottleneck = min_bottleneck(problem, m)
-    weighted = min_weighted_bottleneck(problem, m) if np.any(m.sync > 0) else 0.0
+    bottleneck = min_bottleneck(problem, m, chain=chain)
+    weighted = min_weighted_bottleneck(problem, m, chain=chain) if np.any(m.sync > 0) else 0.0
     return max(best, beta * max(plain, bottleneck) + max((c - beta) * bottleneck, weighted))
 
 
-def _stage_dp(L: int, pp: int, segment_cost) -> float:
-    """min over contiguous splits of layers into pp non-empty stages of max_i segment_cost(i)[s, e]."""
+def _stage_dp(L: int, pp: int, segment_cost, cut: np.ndarray | None = None) -> float:
+    """min over contiguous splits of layers into pp non-empty stages of max_i segment_cost(i)[s, e],
+    and of cut[s] at every stage boundary s when given."""
     best = np.full(L + 1, np.inf)
     best[0] = 0.0
     tri = np.tril_indices(L + 1)
     for i in range(pp):
-        cand = np.maximum(best[:, None], segment_cost(i))
+        start = np.maximum(best, cut) if (cut is not None and i > 0) else best
+        cand = np.maximum(start[:, None], segment_cost(i))
         cand[tri] = np.inf  # stages are non-empty
         best = cand.min(axis=0)
     return float(best[L])
 
 
-def min_bottleneck(problem: Problem, padded: _Padded | None = None, sync_weight: float = 0.0) -> float:
-    """A bound <= max_i p_i of every memory-feasible assignment (exact DP over contiguous splits);
-    with `sync_weight` w > 0, a bound <= max_i (p_i + w sync_i) instead.
+def min_bottleneck(problem: Problem, padded: _Padded | None = None, sync_weight: float = 0.0,
+                   chain: bool = False) -> float:
+    """A bound <= max(max_i p_i, max_j o_j) of every memory-feasible assignment (exact DP over
+    contiguous splits); with `sync_weight` w > 0, a bound <= that + w max_i sync_i instead. `chain`: each stage's layers
+    also pay the resharding between neighbours along their cheapest strategy path (_chain_bound;
+    L times the work, for the candidates a MILP would otherwise have to prove).
 
     On stage i a layer costs at least its fastest strategy that fits there alone, and a stage's
     layers must fit together at their smallest footprints there. Layers are indivisible, so this
@@ -156,19 +169,62 @@ def min_bottleneck(problem: Problem, padded: _Padded | None = None, sync_weight:
             seg[(bad[None, :] - bad[:, None]) > 0] = np.inf  # a layer that fits nowhere on this stage
             seg[_least_sums(m, f) > limit] = np.inf
             costs[f] = np.maximum(seg, _knapsack_bound(m, f, limit))
+            if chain:
+                costs[f] = np.maximum(costs[f], _chain_bound(problem, m, f, limit))
         return costs[f]
 
-    return _stage_dp(L, pp, segment)
+    # max_i p_i shares its (c - beta) with the transfers o_j: a boundary in front of layer s carries at
+    # least the cheapest send of every edge crossing it, which keeps cuts off wide activations
+    cut = np.zeros(L + 1)
+    for e in problem.edges:
+        cut[e.src + 1: e.dst + 1] += float(np.min(e.send)) if len(e.send) else 0.0
+    return _stage_dp(L, pp, segment, cut)
 
 
-def min_weighted_bottleneck(problem: Problem, padded: _Padded | None = None) -> float:
+def _chain_bound(problem: Problem, m: _Padded, flight: int, limit: float, multipliers: int = 4) -> np.ndarray:
+    """[L+1, L+1]: [s, e] a bound <= the time of layers s..e-1 on one stage, resharding between
+    neighbours included: the cheapest path through their strategies (Viterbi, every start at once),
+    each strategy also paying mu times its held bytes, less mu times the limit (a Lagrangian of the
+    stage's memory, valid for every mu >= 0; 0 and a few hull slopes are tried). Where the layers'
+    fastest strategies disagree on layout (a column-split output into a row-split input), the
+    per-layer minima above miss what agreeing costs; this sees it. Other edges are left out (>= 0)."""
+    L, K = m.time.shape
+    usable = np.isfinite(m.time) & (_alone(m, flight) <= limit)
+    held = np.where(usable, m.fixed + flight * m.act, 0.0)
+    mus = [0.0]
+    if np.isfinite(limit):
+        slopes = _hull_slopes(np.where(usable, m.time, np.inf), held)
+        if len(slopes):
+            mus += list(np.quantile(slopes, np.linspace(0, 1, multipliers)))
+    reshard: list[np.ndarray | None] = [None] * L
+    for e in problem.edges:
+        if e.dst == e.src + 1:
+            r = np.zeros((K, K))
+            r[: e.reshard.shape[0], : e.reshard.shape[1]] = e.reshard
+            reshard[e.dst] = r if reshard[e.dst] is None else reshard[e.dst] + r
+    best = np.zeros((L + 1, L + 1))
+    for mu in mus:
+        cost = np.where(usable, m.time + mu * held, np.inf)
+        acc = np.full((L, K), np.inf)  # [s, k]: cheapest path from layer s to the current one, ending in k
+        for u in range(L):
+            if u > 0:
+                moved = (np.min(acc, axis=1, keepdims=True) if reshard[u] is None
+                         else np.min(acc[:u, :, None] + reshard[u][None, :, :], axis=1))
+                acc[:u] = moved[:u] + cost[u][None, :]
+            acc[u] = cost[u]
+            value = np.min(acc[: u + 1], axis=1) - (mu * limit if mu > 0 else 0.0)
+            best[: u + 1, u + 1] = np.maximum(best[: u + 1, u + 1], np.where(np.isfinite(value), value, 0.0))
+    return best
+
+
+def min_weighted_bottleneck(problem: Problem, padded: _Padded | None = None, chain: bool = False) -> float:
     """A bound <= (c - beta) max_i p_i + max_i sync_i: both maxima are at least stage i's, for the
     stage where (c - beta) p_i + sync_i is largest. Bounding the two apart loses the trade a layer
     makes between them (a strategy without gradient sync is slow), which is most of an MLP's sync."""
     weight = problem.microbatches - problem.bubble_share
     if weight <= 0:
         return 0.0
-    return weight * min_bottleneck(problem, padded, sync_weight=1.0 / weight)
+    return weight * min_bottleneck(problem, padded, sync_weight=1.0 / weight, chain=chain)
 
 
 MAX_MULTIPLIERS = 256

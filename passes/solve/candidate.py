@@ -47,7 +47,7 @@ def solve(problem: Problem, *, time_limit_s: float = 60, mip_gap: float = 1e-4,
     `milp=False`: the heuristic and the bound only ("optimal" when they meet within the gap, else
     "time_limit"); `start`: such an earlier result, whose heuristic is not run again.
     """
-    from fxplan.passes.solve.bounds import lower_bound
+    from fxplan.passes.solve.bounds import CHAIN_BOUND_LAYERS, lower_bound
     from fxplan.passes.solve.heuristic import heuristic
     from fxplan.passes.solve.milp import solve_milp
     from fxplan.passes.solve.presolve import drop_dominated, merge_parallel_edges
@@ -72,6 +72,12 @@ def solve(problem: Problem, *, time_limit_s: float = 60, mip_gap: float = 1e-4,
         # the incumbent is already within the gap of a proven bound: no MILP to run
         return Solution(best[1], best[2], best[0], "optimal", max((best[0] - floor) / best[0], 0.0),
                         time.perf_counter() - t0, floor)
+    if milp and problem.num_layers <= CHAIN_BOUND_LAYERS and best is not None and best[0] > 0:
+        # before a MILP: the bound that also walks each stage's chain of layouts (L times the work)
+        floor = max(floor, lower_bound(problem, chain=True))
+        if (best[0] - floor) / best[0] <= mip_gap:
+            return Solution(best[1], best[2], best[0], "optimal", max((best[0] - floor) / best[0], 0.0),
+                            time.perf_counter() - t0, floor)
     if not milp:
         if best is None:
             return Solution((), (), float("inf"), "time_limit", float("inf"), time.perf_counter() - t0, floor)

@@ -17,7 +17,7 @@ from solver_problems import random_problem
 
 
 def _least_feasible_bottleneck(p: Problem) -> float:
-    """min over memory-feasible assignments of max_i p_i, by enumeration."""
+    """min over memory-feasible assignments of max(max_i p_i, max_j o_j), by enumeration."""
     best = np.inf
     L = p.num_layers
     for cuts in itertools.combinations(range(1, L), p.pp - 1):
@@ -26,17 +26,35 @@ def _least_feasible_bottleneck(p: Problem) -> float:
         for ks in itertools.product(*(range(p.num_strategies(u)) for u in range(L))):
             ev = evaluate(p, stage_of, ks)
             if ev.feasible:
-                best = min(best, max(ev.stage_compute_s))
+                best = min(best, max(ev.stage_compute_s + ev.boundary_s))
     return best
 
 
+@pytest.mark.parametrize("chain", [False, True])
 @pytest.mark.parametrize("seed", range(30))
-def test_the_bottleneck_bound_never_passes_a_feasible_assignment(seed):
+def test_the_bounds_never_pass_a_feasible_assignment(seed, chain):
     p = random_problem(700 + seed, tight=True, skew=seed % 4 == 0, identical=seed % 3 == 0,
                        schedule_terms=seed % 5 == 1, max_strategies=3)
     want = _least_feasible_bottleneck(p)
     if np.isfinite(want):
-        assert min_bottleneck(p) <= want * (1 + 1e-9)
+        assert min_bottleneck(p, chain=chain) <= want * (1 + 1e-9)
+        assert lower_bound(p, chain=chain) <= exhaustive(p).objective * (1 + 1e-9)
+
+
+def test_the_chain_bound_prices_layouts_that_disagree_and_the_cut_prices_wide_activations():
+    # two layers on one stage: each is fastest in a layout the other's input cannot take without a
+    # 10 s reshard, so the best assignment pays 1 s of slower strategy; two stages: the only cut sends 5 s
+    fast_slow = np.array([1.0, 2.0])
+    zero = np.zeros(2)
+    reshard = np.array([[10.0, 0.0], [0.0, 0.0]])  # fast -> fast costs 10 s, anything else is free
+    arrays = ((fast_slow,) * 2, (zero,) * 2, (zero,) * 2, (zero,) * 2, (zero,) * 2, (zero,) * 2)
+    one = Problem(1, 1, "gpipe", *arrays, (Edge(0, 1, reshard, np.zeros(2)),), float("inf"))
+    assert exhaustive(one).objective == pytest.approx(3.0)
+    assert min_bottleneck(one) == pytest.approx(2.0)  # per-layer minima: 1 + 1
+    assert min_bottleneck(one, chain=True) == pytest.approx(3.0)
+    two = Problem(2, 1, "gpipe", *arrays, (Edge(0, 1, np.zeros((2, 2)), np.full(2, 5.0)),), float("inf"))
+    assert min_bottleneck(two) == pytest.approx(5.0)  # the transfer, not a stage, is the bottleneck
+    assert lower_bound(two) <= exhaustive(two).objective * (1 + 1e-9)
 
 
 def _mixing_problem(pp: int, layers: int, fits_fast: float) -> Problem:
