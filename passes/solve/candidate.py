@@ -49,7 +49,6 @@ def solve(problem: Problem, *, time_limit_s: float = 60, mip_gap: float = 1e-4,
     """
     from fxplan.passes.solve.bounds import CHAIN_BOUND_LAYERS, lower_bound
     from fxplan.passes.solve.heuristic import heuristic
-    from fxplan.passes.solve.milp import solve_milp
     from fxplan.passes.solve.presolve import drop_dominated, merge_parallel_edges
 
     t0 = time.perf_counter()
@@ -86,6 +85,8 @@ def solve(problem: Problem, *, time_limit_s: float = 60, mip_gap: float = 1e-4,
     left = time_limit_s - (time.perf_counter() - t0)
     cuts = [v for v in (best[0] if best is not None else None, cutoff) if v is not None]
     cut = min(cuts) if cuts else None
+    from fxplan.passes.solve.milp import solve_milp  # CVXPY's import (0.6 s) only when a MILP runs
+
     res = solve_milp(small, time_limit_s=max(left, 0.05), mip_gap=mip_gap, cutoff=cut)
     if res.stage_of is not None:
         strategies = reduced.to_original(res.strategy_of)
