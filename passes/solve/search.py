@@ -3,8 +3,10 @@
 Each candidate gets a cheap bound that is provably <= its optimum under problem.evaluate
 (passes/solve/bounds.py); candidates whose bound cannot beat the incumbent by more than the target
 gap are pruned, a candidate another one provably dominates (same times, no less memory, no smaller
-bubble) is pruned by its dominator's bound, the rest share the time limit, and the incumbent objective
-is handed to each MILP as a cutoff. The deadline is hard: what it leaves unvisited is "cut" and keeps
+bubble) is pruned by its dominator's bound. The rest are visited twice: first the heuristic and the
+candidate's own bound only (candidate.solve(milp=False)), then, for those still open, a MILP with the
+incumbent objective as its cutoff; they share the time limit, and what a cut MILP leaves unused at the
+end goes back to it. The deadline is hard: what it leaves unvisited is "cut" and keeps
 its bound. The reported gap is global: the incumbent against the smallest lower bound over every
 candidate, solved, pruned or cut.
 
