@@ -57,6 +57,11 @@ def _alone(m: _Padded, flight: int) -> np.ndarray:
     return mem if m.peak is None else np.maximum(mem, m.peak)
 
 
+def _usable(m: _Padded, flight: int, limit: float) -> np.ndarray:
+    """[L, K] strategies a stage holding `flight` microbatches can run at all (each fits there alone)."""
+    return np.isfinite(m.time) & (_alone(m, flight) <= limit)
+
+
 def _least_sums(m: _Padded, flight: int) -> np.ndarray:
     """[L+1, L+1]: [s, e] a bound <= the bytes of a stage holding layers s..e-1. A stage's peak is the
     larger of its two phases' sums, each at least the sum of the layers' smallest terms."""
@@ -142,9 +147,9 @@ def _stage_dp(L: int, pp: int, segment_cost, cut: np.ndarray | None = None) -> f
 def min_bottleneck(problem: Problem, padded: _Padded | None = None, sync_weight: float = 0.0,
                    chain: bool = False) -> float:
     """A bound <= max(max_i p_i, max_j o_j) of every memory-feasible assignment (exact DP over
-    contiguous splits); with `sync_weight` w > 0, a bound <= that + w max_i sync_i instead. `chain`: each stage's layers
-    also pay the resharding between neighbours along their cheapest strategy path (_chain_bound;
-    L times the work, for the candidates a MILP would otherwise have to prove).
+    contiguous splits); with `sync_weight` w > 0, a bound <= that + w max_i sync_i instead.
+    `chain`: each stage's layers also pay the resharding between neighbours along their cheapest
+    strategy path (_chain_bound; L times the work, for candidates a MILP would otherwise prove).
 
     On stage i a layer costs at least its fastest strategy that fits there alone, and a stage's
     layers must fit together at their smallest footprints there. Layers are indivisible, so this
@@ -162,7 +167,7 @@ def min_bottleneck(problem: Problem, padded: _Padded | None = None, sync_weight:
     def segment(i: int) -> np.ndarray:
         f = in_flight(problem.schedule, pp, c, i)
         if f not in costs:
-            tm = np.min(np.where(_alone(m, f) <= limit, m.time, np.inf), axis=1)
+            tm = np.min(np.where(_usable(m, f, limit), m.time, np.inf), axis=1)
             Tc = np.concatenate([[0.0], np.cumsum(np.where(np.isfinite(tm), tm, 0.0))])
             bad = np.concatenate([[0], np.cumsum(~np.isfinite(tm))])
             seg = Tc[None, :] - Tc[:, None]
@@ -189,7 +194,7 @@ def _chain_bound(problem: Problem, m: _Padded, flight: int, limit: float, multip
     fastest strategies disagree on layout (a column-split output into a row-split input), the
     per-layer minima above miss what agreeing costs; this sees it. Other edges are left out (>= 0)."""
     L, K = m.time.shape
-    usable = np.isfinite(m.time) & (_alone(m, flight) <= limit)
+    usable = _usable(m, flight, limit)
     held = np.where(usable, m.fixed + flight * m.act, 0.0)
     mus = [0.0]
     if np.isfinite(limit):
@@ -245,7 +250,7 @@ def _knapsack_bound(m: _Padded, flight: int, limit: float) -> np.ndarray:
     best = np.zeros((L + 1, L + 1))
     if not np.isfinite(limit):
         return best  # no knapsack: the per-layer minima are the bound
-    usable = np.isfinite(m.time) & (_alone(m, flight) <= limit)
+    usable = _usable(m, flight, limit)
     t = np.where(usable, m.time, np.inf)
     forms = [m.fixed + flight * m.act] + ([m.peak] if m.peak is not None else [])
     for held in forms:

@@ -67,16 +67,15 @@ def solve(problem: Problem, *, time_limit_s: float = 60, mip_gap: float = 1e-4,
             if val is not None:
                 best = (val, tuple(h[0]), reduced.to_original(h[1]))
         floor = lower_bound(problem)
-    if best is not None and best[0] > 0 and np.isfinite(floor) and (best[0] - floor) / best[0] <= mip_gap:
-        # the incumbent is already within the gap of a proven bound: no MILP to run
-        return Solution(best[1], best[2], best[0], "optimal", max((best[0] - floor) / best[0], 0.0),
-                        time.perf_counter() - t0, floor)
-    if milp and problem.num_layers <= CHAIN_BOUND_LAYERS and best is not None and best[0] > 0:
+    def within_gap() -> bool:
+        return best is not None and best[0] > 0 and np.isfinite(floor) and (best[0] - floor) / best[0] <= mip_gap
+
+    if not within_gap() and milp and problem.num_layers <= CHAIN_BOUND_LAYERS and best is not None:
         # before a MILP: the bound that also walks each stage's chain of layouts (L times the work)
         floor = max(floor, lower_bound(problem, chain=True))
-        if (best[0] - floor) / best[0] <= mip_gap:
-            return Solution(best[1], best[2], best[0], "optimal", max((best[0] - floor) / best[0], 0.0),
-                            time.perf_counter() - t0, floor)
+    if within_gap():  # the incumbent is within the gap of a proven bound: no MILP to run
+        return Solution(best[1], best[2], best[0], "optimal", max((best[0] - floor) / best[0], 0.0),
+                        time.perf_counter() - t0, floor)
     if not milp:
         if best is None:
             return Solution((), (), float("inf"), "time_limit", float("inf"), time.perf_counter() - t0, floor)

@@ -10,7 +10,7 @@ then a local search on the cuts.
   other stages at their current strategies) minimising c * time + sync + mu * memory, mu bisected
   until the stage fits (Lagrangian relaxation), then a greedy knapsack spending the memory left.
 * rebalance: the slowest stage hands a layer towards another stage, the stages between choose anew;
-  layers outside runs try every strategy against the whole objective.
+  where no such move helps, coordinate descent over every layer on the whole objective (_retune).
 No torch; returns (stage_of, strategy_of) or None when nothing feasible was found.
 """
 
@@ -24,6 +24,16 @@ from fxplan.passes.solve.problem import Problem, evaluate, in_flight, segment_ma
 
 def _times(problem: Problem) -> list[np.ndarray]:
     return [problem.layer_time(u) for u in range(problem.num_layers)]
+
+
+def _memory_parts(problem: Problem, u: int, flight: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Layer u's [K] bytes as a stage holding `flight` microbatches places them (`placed_memory`):
+    held (fixed + in-flight activations, summed over the stage), working set (the stage's largest
+    counts) and sync-phase peak (summed)."""
+    zero = np.zeros(problem.num_strategies(u))
+    held = problem.placed_fixed(u) + flight * np.asarray(problem.mem_act[u], float)
+    return (held, np.asarray(problem.mem_work[u], float) if problem.mem_work else zero,
+            np.asarray(problem.mem_peak[u], float) if problem.mem_peak else zero)
 
 
 def place_stages(problem: Problem, strategy_of, best: float = np.inf):
@@ -145,10 +155,9 @@ class StageChooser:
 
     def _choose(self, f: int, layers: list[int], outer) -> list[int] | None:
         problem, c, chain = self.problem, self.problem.microbatches, self.chain
-        # a working set counted per layer (not the stage's largest): the safe side for a heuristic
-        mem = [np.maximum(problem.placed_fixed(u) + f * np.asarray(problem.mem_act[u])
-                          + (problem.mem_work[u] if problem.mem_work else 0.0),
-                          problem.mem_peak[u] if problem.mem_peak else 0.0) for u in layers]
+        parts = [_memory_parts(problem, u, f) for u in layers]
+        # a working set counted per layer (not the stage's largest): the safe side for the Lagrangian
+        mem = [np.maximum(held + work, peak) for held, work, peak in parts]
         # a layer's time and its resharding are paid per microbatch, its gradient sync once per iteration
         cost = [c * self.times[u] + problem.sync[u] for u in layers]
         where = {u: j for j, u in enumerate(layers)}
@@ -191,10 +200,6 @@ class StageChooser:
         ks, m = viterbi(hi)
         if m > problem.memory_limit * (1 + 1e-9):
             return None
-        zero = [np.zeros(len(x)) for x in cost]
-        parts = [(problem.placed_fixed(u) + f * np.asarray(problem.mem_act[u]),
-                  problem.mem_work[u] if problem.mem_work else zero[j],
-                  problem.mem_peak[u] if problem.mem_peak else zero[j]) for j, u in enumerate(layers)]
         return _fill(ks, cost, parts, trans, problem.memory_limit)
 
 
@@ -206,7 +211,7 @@ def _fill(ks: list[int], cost, parts, trans, limit: float) -> list[int]:
     max(sum act + largest work, sum peak), `parts` giving per layer those three [K] arrays."""
     ks = list(ks)
     n = len(ks)
-    act, work, peak = ([np.asarray(p[q], float) for p in parts] for q in range(3))
+    act, work, peak = ([p[q] for p in parts] for q in range(3))
     sum_a = sum(act[j][ks[j]] for j in range(n))
     sum_p = sum(peak[j][ks[j]] for j in range(n))
     for _ in range(4 * n * max(len(c) for c in cost)):
@@ -325,12 +330,9 @@ def _retune(problem: Problem, stage_of, strategy_of, value: float, sweeps: int =
     stage_of, ks = list(stage_of), list(strategy_of)
     ins = {u: [e for e in problem.edges if e.dst == u] for u in range(L)}
     outs = {u: [e for e in problem.edges if e.src == u] for u in range(L)}
-    flight = [problem.in_flight(i) for i in range(pp)]
     times = _times(problem)
-    held = [problem.placed_fixed(u) + flight[stage_of[u]] * np.asarray(problem.mem_act[u]) for u in range(L)]
-    zero = [np.zeros(problem.num_strategies(u)) for u in range(L)]
-    work = problem.mem_work or zero
-    peak = problem.mem_peak or zero
+    held, work, peak = zip(*(_memory_parts(problem, u, problem.in_flight(stage_of[u])) for u in range(L)))
+
     def sums():
         """Per stage (and boundary) what the objective and memory read, for the current strategies."""
         ev = evaluate(problem, stage_of, ks)

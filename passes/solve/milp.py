@@ -275,11 +275,11 @@ def solve_milp(problem: Problem, *, time_limit_s: float, mip_gap: float = 1e-4,
     cons += [bott >= sum(stage_time), bott * pp >= tot]
     # the stage-split DP's bound on the bottleneck (indivisible layers, each stage's memory knapsack):
     # valid for every assignment, and far above what the LP relaxation finds alone
-    chain = problem.num_layers <= CHAIN_BOUND_LAYERS
-    floor = min_bottleneck(problem, chain=chain)
+    layouts = problem.num_layers <= CHAIN_BOUND_LAYERS  # also walk each stage's chain of layouts
+    floor = min_bottleneck(problem, chain=layouts)
     if np.isfinite(floor) and floor > 0:
         cons.append(bott >= floor * ts * (1 - 1e-9))
-    weighted = min_weighted_bottleneck(problem, chain=chain) if stage_sync else 0.0
+    weighted = min_weighted_bottleneck(problem, chain=layouts) if stage_sync else 0.0
     if np.isfinite(weighted) and weighted > 0:
         cons.append((c - problem.bubble_share) * bott + ymax >= weighted * ts * (1 - 1e-9))
     bsum = 0

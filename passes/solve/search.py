@@ -131,12 +131,12 @@ def search(make_problem: Callable[[int, int, str], Problem | None], candidates: 
     # of the heuristics; only then do the candidates still open get a MILP, best bound first.
     screened: dict[Candidate, Solution | None] = {}
     waiting: dict[Candidate, float] = {}  # screened, open, queued for the MILP pass: its bound
-    deferred: dict[Candidate, int] = {}
-
+    deferred: dict[Candidate, int] = {}  # times a dominated candidate waited for its dominator
     retry: set[Candidate] = set()  # cut by its share of the time, queued again for what is left at the end
 
     def key(bound: float, it) -> tuple:
-        return (2 if it[2] in retry else int(it[2] in screened), late and bool(costly(it[2])), not it[4], max(rank.get(it[2], bound), bound),
+        phase = 2 if it[2] in retry else int(it[2] in screened)
+        return (phase, late and bool(costly(it[2])), not it[4], max(rank.get(it[2], bound), bound),
                 it[1], it[2][0], it[2][1])
 
     # best bound first, lazily: a candidate's full bound (the stage-split DP) is computed when it
@@ -240,7 +240,9 @@ def search(make_problem: Callable[[int, int, str], Problem | None], candidates: 
             say(f"{label}: {sol.objective:.4g} s, proven not to beat {cutoff:.4g} s ({sol.seconds:.2f} s)")
         else:
             say(f"{label}: {sol.objective:.4g} s ({sol.status}, gap {sol.gap:.2%}, {sol.seconds:.2f} s)")
-        if best is None or sol.objective < best[0].objective or (best[2] == cand and sol.objective <= best[0].objective):
+        # a later pass over the incumbent's own candidate replaces it at equal time (its status is newer)
+        if best is None or sol.objective < best[0].objective or (
+                best[2] == cand and sol.objective <= best[0].objective):
             best = (sol, problem, cand)
     ordered = [results[c] for c in candidates if c in results]
     considered = len(items)
