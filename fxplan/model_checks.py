@@ -16,10 +16,12 @@ import contextlib
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fxplan._torch import own_buffers, own_parameters, tensor_version
 from fxplan.errors import ModelError
 from fxplan.passes.ir import Traced, op_name
+from fxplan.passes.meta_prop import from_spec, op_key, value_spec
 
 # ops whose operands torch requires to share one dtype (the CPU and CUDA kernels refuse a mix)
 _SAME_DTYPE_OPS = {"linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "conv1d", "conv2d", "conv3d",
@@ -89,7 +91,7 @@ def check_forward_on_meta(model: nn.Module, inputs) -> None:
     meta_inputs = tuple(x.detach().to("meta") for x in inputs)
     home = next((t.device for t in [*params.values(), *buffers.values()]), None)
     try:
-        with _restored(model), _DeviceMoves(home):
+        with _restored(model), _DeviceMoves(home), _RepeatedOps():
             out = functional_call(model, state, meta_inputs)
     except ModelError:
         raise
@@ -105,6 +107,30 @@ def check_forward_on_meta(model: nn.Module, inputs) -> None:
     if changed:
         raise ModelError(f"forward updates parameter {changed[0]} in place; sharded copies on every rank would "
                          f"drift apart: update parameters in the optimizer step, not in forward")
+
+
+class _RepeatedOps(TorchDispatchMode):
+    """Below autograd: an op that neither mutates nor aliases its inputs, called again on the same
+    meta shapes (the same block repeated), returns fresh meta tensors of the first call's shapes
+    instead of re-running its meta kernel (many are Python). Autograd above still records it, so
+    requires_grad and version counters are what the model's own forward gives."""
+
+    def __init__(self):
+        super().__init__()
+        self.specs: dict = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        schema = func._schema
+        plain = not schema.is_mutable and not any(r.alias_info for r in schema.returns) \
+            and torch.Tag.nondeterministic_seeded not in func.tags
+        key = op_key(func, args, kwargs) if plain else None
+        if key is not None and key in self.specs:
+            return from_spec(self.specs[key])
+        result = func(*args, **kwargs)
+        if key is not None and (spec := value_spec(result)) is not None:
+            self.specs[key] = spec
+        return result
 
 
 class _DeviceMoves(TorchFunctionMode):

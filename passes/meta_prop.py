@@ -63,9 +63,9 @@ class _MetaProp(fx.Interpreter):
 
     def call_function(self, target, args, kwargs):
         args, kwargs = _meta_args(args, kwargs)
-        key = _cache_key(target, args, kwargs)
+        key = op_key(target, args, kwargs)
         if key is not None and key in self.op_cache:
-            return _from_spec(self.op_cache[key])
+            return from_spec(self.op_cache[key])
         try:
             result = target(*args, **kwargs)
         except RuntimeError:
@@ -76,7 +76,7 @@ class _MetaProp(fx.Interpreter):
                 raise
             result = torch.ops.aten.reshape.default(*args, **kwargs)
         if key is not None:
-            spec = _to_spec(result)
+            spec = value_spec(result)
             if spec is not None:
                 self.op_cache[key] = spec
         return result
@@ -120,7 +120,7 @@ def _arg_key(a):
     return _NO_SPEC
 
 
-def _cache_key(target, args, kwargs):
+def op_key(target, args, kwargs):
     name = getattr(target, "__name__", "")
     if name.endswith("_") or "random" in name or "rand" in name:  # in-place or random: run it
         return None
@@ -128,23 +128,23 @@ def _cache_key(target, args, kwargs):
     return None if key is _NO_SPEC else (target, key)
 
 
-def _to_spec(result):
+def value_spec(result):
     if isinstance(result, torch.Tensor):
         if result.device.type != "meta":
             return None
         return ("T", tuple(result.shape), result.stride(), result.dtype, result.requires_grad)
     if isinstance(result, (tuple, list)) and result and all(isinstance(r, torch.Tensor) for r in result):
-        specs = [_to_spec(r) for r in result]
+        specs = [value_spec(r) for r in result]
         return None if any(s is None for s in specs) else (type(result), specs)
     return None
 
 
-def _from_spec(spec):
+def from_spec(spec):
     if spec[0] == "T":
         _, shape, stride, dtype, _grad = spec
         return torch.empty_strided(shape, stride, dtype=dtype, device="meta")
     kind, specs = spec
-    return kind(_from_spec(s) for s in specs)
+    return kind(from_spec(s) for s in specs)
 
 
 def _meta_args(args, kwargs):

@@ -78,7 +78,7 @@ def _least_sums(m: _Padded, flight: int) -> np.ndarray:
     return act_phase if m.peak is None else np.maximum(act_phase, sums(m.peak))
 
 
-def lower_bound(problem: Problem, quick: bool = False, chain: bool = False) -> float:
+def lower_bound(problem: Problem, quick: bool = False, chain: bool = False, enough: float = float("inf")) -> float:
     """A bound <= the optimum of `problem` under evaluate (inf when nothing fits memory).
 
     With T = sum_i p_i (>= the layers' own times; reshards and transfers are >= 0):
@@ -86,7 +86,8 @@ def lower_bound(problem: Problem, quick: bool = False, chain: bool = False) -> f
     Memory couples the layers: summed over stages, sum_u (mem_fixed + f_min mem_act) <= pp * limit,
     a knapsack whose Lagrangian dual (any mu >= 0) bounds the weighted time from below. Also
     max_i p_i >= min_bottleneck. `quick`: the knapsack dual alone (no DP over stage splits, no
-    memory check): weaker, a few milliseconds.
+    memory check): weaker, a few milliseconds. `enough`: return as soon as a part of the bound
+    reaches it (a search pruning against an incumbent needs no more; still a valid bound).
     """
     pp, c, L = problem.pp, problem.microbatches, problem.num_layers
     if L < pp:
@@ -103,31 +104,26 @@ def lower_bound(problem: Problem, quick: bool = False, chain: bool = False) -> f
     Mem = np.where(fits, alone, 0.0)
     budget = pp * problem.memory_limit
 
-    def dual(mu: float) -> float:
-        if mu == 0:  # no memory term (an infinite budget times 0 is not 0)
-            return float(np.min(W, axis=1).sum())
-        return float(np.min(W + mu * Mem, axis=1).sum()) - mu * budget
-
-    best = dual(0.0)
+    best = float(np.min(W, axis=1).sum())  # mu = 0 (an infinite budget times 0 is not 0)
     if np.isfinite(budget) and budget > 0:
-        # the dual is concave in mu: golden-section search on a bracket
-        finite = np.where(np.isfinite(W), W, 0.0)
-        hi = float(finite.max(axis=1).sum()) / budget * 1e3
-        lo = 0.0
-        for _ in range(40):
-            m1, m2 = lo + (hi - lo) * 0.382, lo + (hi - lo) * 0.618
-            if dual(m1) < dual(m2):
-                lo = m1
-            else:
-                hi = m2
-        best = max(best, dual(lo), dual(hi))
-    if quick:
+        # the dual is concave piecewise linear in mu, its kinks at the layers' hull slopes: its
+        # maximum is at one of them (all of them evaluated at once)
+        mus = _hull_slopes(W, Mem)
+        if len(mus) > MAX_MULTIPLIERS:
+            mus = mus[np.linspace(0, len(mus) - 1, MAX_MULTIPLIERS).round().astype(int)]
+        if len(mus):
+            values = np.min(W[:, :, None] + mus[None, None, :] * Mem[:, :, None], axis=1).sum(axis=0)
+            best = max(best, float(np.max(values - mus * budget)))
+    if quick or best >= enough:
         return best
     plain = float(np.min(np.where(fits, m.time, np.inf), axis=1).sum())
     # sum_i p_i is at least the layers' own fastest times, and at least the largest p_i
     bottleneck = min_bottleneck(problem, m, chain=chain)
-    weighted = min_weighted_bottleneck(problem, m, chain=chain) if np.any(m.sync > 0) else 0.0
-    return max(best, beta * max(plain, bottleneck) + max((c - beta) * bottleneck, weighted))
+    best = max(best, beta * max(plain, bottleneck) + (c - beta) * bottleneck)
+    if best >= enough or not np.any(m.sync > 0):
+        return best
+    weighted = min_weighted_bottleneck(problem, m, chain=chain)
+    return max(best, beta * max(plain, bottleneck) + weighted)
 
 
 def _stage_dp(L: int, pp: int, segment_cost, cut: np.ndarray | None = None) -> float:
@@ -272,7 +268,8 @@ def _hull_slopes(t: np.ndarray, held: np.ndarray) -> np.ndarray:
     strategies' (bytes, time) points: where min_k (t + mu bytes) changes its argmin."""
     slopes: set[float] = set()
     K = t.shape[1]
-    for row in np.unique(np.concatenate([t, held], axis=1), axis=0):  # alike layers once
+    rows = np.concatenate([t, held], axis=1)
+    for row in {r.tobytes(): r for r in rows}.values():  # alike layers once (np.unique sorts: slower)
         keep = np.isfinite(row[:K])
         order = np.lexsort((row[:K][keep], row[K:][keep]))
         pts = list(zip(row[K:][keep][order].tolist(), row[:K][keep][order].tolist()))

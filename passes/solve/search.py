@@ -153,7 +153,8 @@ def search(make_problem: Callable[[int, int, str], Problem | None], candidates: 
         label = f"pp={cand[0]} mb={cand[1]} {cand[2]}"
         if cand not in tightened and time.perf_counter() < end:
             tightened.add(cand)
-            bound = max(bound, lower_bound(cheap))
+            # a bound past the incumbent prunes (and cannot be the global floor): no need for more of it
+            bound = max(bound, lower_bound(cheap, enough=best[0].objective if best is not None else np.inf))
             it = (bound,) + it[1:]
             if queue and key(bound, it) > queue[0][0]:
                 heapq.heappush(queue, (key(bound, it), n, it))
@@ -183,7 +184,7 @@ def search(make_problem: Callable[[int, int, str], Problem | None], candidates: 
         if bound_problem is not None and best is not None and time.perf_counter() < end:
             # the exact problem may bound tighter than the cheap one (its bubble share is known now):
             # a MILP saved for the price of its arrays
-            bound = max(bound, lower_bound(exact(cand)))
+            bound = max(bound, lower_bound(exact(cand), enough=best[0].objective))
             if bound >= best[0].objective * (1 - mip_gap):
                 results[cand] = CandidateResult(cand, bound, "pruned")
                 continue
