@@ -4,6 +4,7 @@ tests/unit/test_global_gap.py, which runs a slice of it).
     flock /tmp/fxplan-dist.lock .venv/bin/python bench/plan_sweep.py            # both models
     flock /tmp/fxplan-dist.lock .venv/bin/python bench/plan_sweep.py --quick    # the 96-layer GPT only
     flock /tmp/fxplan-dist.lock .venv/bin/python bench/plan_sweep.py --big      # GPT-3 175B only
+    ... --jobs 2 --pin-limit 20   # two pins at once, each MILP cut at 20 s (a cut pin still reports its time)
 
 For GPT-3 175B on a100-80g 128x8 (batch 1536) and gpt:layers=96,hidden=4096 on 8x8 (batch 512): the
 unpinned search (its plan, global gap and counts), then every (pp, microbatches, schedule) solved on
@@ -14,6 +15,7 @@ below the global lower bound (either would be a bug), and the best pin.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import sys
 import time
@@ -25,7 +27,14 @@ CASES = [("gpt:layers=96,hidden=4096", 512, ("a100-80g", 8, 8)),
          ("gpt:size=gpt3-175b", 1536, ("a100-80g", 128, 8))]
 
 
-def sweep(spec: str, batch: int, cluster_spec, time_limit_s: float, pin_limit_s: float) -> None:
+_PIN_SOLVE = None
+
+
+def _pin(cand):
+    return _PIN_SOLVE(cand)
+
+
+def sweep(spec: str, batch: int, cluster_spec, time_limit_s: float, pin_limit_s: float, jobs: int = 1) -> None:
     import fxplan
     from fxplan.models import build, example_batch
     from fxplan.passes.cost.model import CostModel
@@ -49,9 +58,18 @@ def sweep(spec: str, batch: int, cluster_spec, time_limit_s: float, pin_limit_s:
     best = res.best
     print(f"unpinned: {res.candidate} {best.objective:.6f} s, global gap {best.gap:.3%}, floor {res.floor:.6f} s, "
           f"{time.perf_counter() - start:.1f} s; " + ", ".join(f"{res.count(o)} {o}" for o in OUTCOMES))
-    beating, below, top = [], [], None
-    for cand in cands:
-        sol = solve(costs.problem(*cand), time_limit_s=pin_limit_s, mip_gap=5e-3)
+    beating, below, top, results = [], [], None, []
+    global _PIN_SOLVE  # forked workers inherit the cost model (and the tables it has cached so far)
+    _PIN_SOLVE = lambda cand: (cand, solve(costs.problem(*cand), time_limit_s=pin_limit_s, mip_gap=5e-3))  # noqa: E731
+    started = time.perf_counter()
+    with multiprocessing.get_context("fork").Pool(jobs) as pool:
+        for done, (cand, sol) in enumerate(pool.imap_unordered(_pin, cands, chunksize=1), 1):
+            print(f"   pin {done:4d}/{len(cands)} {cand}: "
+                  + (f"{sol.objective:.6f} s ({sol.status}, gap {sol.gap:.2%}, {sol.seconds:.1f} s; "
+                     f"{sol.objective / best.objective - 1:+.3%} vs unpinned)" if sol.stage_of else
+                     f"no plan ({sol.status})") + f"  [{time.perf_counter() - started:.0f} s]", flush=True)
+            results.append((cand, sol))
+    for cand, sol in results:
         if not sol.stage_of:
             continue
         if top is None or sol.objective < top[1]:
@@ -71,9 +89,10 @@ def main() -> None:
     parser.add_argument("--big", action="store_true", help="GPT-3 175B only")
     parser.add_argument("--time-limit", type=float, default=300.0, help="the unpinned search's budget, s")
     parser.add_argument("--pin-limit", type=float, default=60.0, help="each pinned solve's budget, s")
+    parser.add_argument("--jobs", type=int, default=1, help="pins solved at once (forked processes)")
     args = parser.parse_args()
     for spec, batch, cluster in CASES[:1] if args.quick else CASES[1:] if args.big else CASES:
-        sweep(spec, batch, cluster, args.time_limit, args.pin_limit)
+        sweep(spec, batch, cluster, args.time_limit, args.pin_limit, args.jobs)
 
 
 if __name__ == "__main__":

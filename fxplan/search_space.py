@@ -23,10 +23,12 @@ def divisors(n: int) -> list[int]:
     return small + [n // d for d in reversed(small) if d * d != n]
 
 
-DOMINATED = {"gpipe": "1f1b", "zb-h2": "zb-auto"}
-"""schedule -> one never worse: GPipe takes 1F1B's time with more activations; zb-auto (planned at
-zb-h2's memory of 2p-1 microbatches) has zb-h2's list among the ones it picks the fastest of. The
-search checks each claim on the candidates' arrays before it prunes by it (search._dominates)."""
+DOMINATED = {"gpipe": "1f1b", "zb-h2": "zb-auto", "zb-auto": "zb-h1"}
+"""schedule -> one never worse, or never worse where it holds no more microbatches: GPipe takes
+1F1B's time with more activations; zb-auto (planned at zb-h2's memory of 2p-1 microbatches) has
+zb-h2's list among the ones it picks the fastest of; with no more microbatches than stages zb-h1
+holds as many as zb-auto at the same bubble (the same problem, solved once). The search checks
+each claim on the candidates' arrays before it prunes by it (search._dominates)."""
 
 
 def enough_microbatches(schedule: str, pp: int, microbatches: int) -> bool:

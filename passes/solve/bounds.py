@@ -107,13 +107,21 @@ def lower_bound(problem: Problem, quick: bool = False, chain: bool = False, enou
     best = float(np.min(W, axis=1).sum())  # mu = 0 (an infinite budget times 0 is not 0)
     if np.isfinite(budget) and budget > 0:
         # the dual is concave piecewise linear in mu, its kinks at the layers' hull slopes: its
-        # maximum is at one of them (all of them evaluated at once)
+        # maximum is at one of them, found by bisection on the sorted kinks (unimodal there)
         mus = _hull_slopes(W, Mem)
-        if len(mus) > MAX_MULTIPLIERS:
-            mus = mus[np.linspace(0, len(mus) - 1, MAX_MULTIPLIERS).round().astype(int)]
+
+        def dual(mu: float) -> float:
+            return float(np.min(W + mu * Mem, axis=1).sum()) - mu * budget
+
+        lo, hi = 0, len(mus) - 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if dual(mus[mid]) < dual(mus[mid + 1]):
+                lo = mid + 1
+            else:
+                hi = mid
         if len(mus):
-            values = np.min(W[:, :, None] + mus[None, None, :] * Mem[:, :, None], axis=1).sum(axis=0)
-            best = max(best, float(np.max(values - mus * budget)))
+            best = max(best, dual(mus[lo]))
     if quick or best >= enough:
         return best
     plain = float(np.min(np.where(fits, m.time, np.inf), axis=1).sum())

@@ -55,6 +55,14 @@ def _onehot(cls: np.ndarray) -> np.ndarray:
     return Q
 
 
+def _alike(M: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(class of each row, first row of each class) for the equal rows of M."""
+    first: dict[bytes, int] = {}
+    of = np.array([first.setdefault(row.tobytes(), len(first)) for row in np.ascontiguousarray(M)])
+    reps = np.array([int(np.nonzero(of == q)[0][0]) for q in range(len(first))])
+    return of, reps
+
+
 def solve_milp(problem: Problem, *, time_limit_s: float, mip_gap: float = 1e-4,
                cutoff: float | None = None, verbose: bool = False) -> MilpResult:
     """Solve `problem` (ideally already reduced) exactly, up to `mip_gap` and the time limit.
@@ -134,20 +142,18 @@ def solve_milp(problem: Problem, *, time_limit_s: float, mip_gap: float = 1e-4,
             cons.append(cp.sum(S) == 1)
             og = occ[g, :]
             total.append(tt @ S)
+            # Z[i, k] = [on stage i] [strategy k]: the one stage and the one strategy, so the margins
+            # are exact for binaries, and its LP relaxation is the product's hull (a big-M's is loose)
+            Z = cp.Variable((pp, K), nonneg=True)
+            cons += [cp.sum(Z, axis=0) == S, cp.sum(Z, axis=1) == og]
             for vals, bucket in ((tt, stage_time), (sy, stage_sync)):
-                if np.max(vals) <= 0:
-                    continue
-                w = cp.Variable(pp, nonneg=True)
-                cons += [w >= vals @ S - float(np.max(vals)) * (1 - og), w >= float(np.min(vals)) * og]
-                bucket.append(w)
+                if np.max(vals) > 0:
+                    bucket.append(Z @ vals)
             for form, bucket in zip(forms, stage_mem):
                 if finite_mem and np.max(form) > 0:
-                    w = cp.Variable(pp, nonneg=True)
-                    cons += [w >= S @ form - cp.multiply(np.max(form, axis=0), 1 - og),
-                             w >= cp.multiply(np.min(form, axis=0), og)]
-                    bucket.append(w)
+                    bucket.append(cp.sum(cp.multiply(Z, form.T), axis=1))
             if has_work and np.max(wk) > 0:
-                cons.append(work >= wk @ S - float(np.max(wk)) * (1 - og))
+                cons.append(work >= Z @ wk)
             ends[g] = (S, S, np.arange(K), np.arange(K))
             decode.append(("single", S))
             continue
@@ -248,6 +254,16 @@ def solve_milp(problem: Problem, *, time_limit_s: float, mip_gap: float = 1e-4,
         EF, cols = ends[h][0], ends[h][2]
         R = e.reshard[np.ix_(rows, cols)] * ts
         snd = e.send[rows] * ts
+        # strategies that leave the tensors in one layout (fsdp, recompute) price alike: one row or
+        # column per distinct layout keeps the transport variables few (K x K per edge otherwise)
+        row_of, row_reps = _alike(np.concatenate([R, snd[:, None]], axis=1))
+        col_of, col_reps = _alike(R.T)
+        if len(row_reps) < len(rows):
+            EL = _onehot(row_of).T @ EL
+            R, snd = R[row_reps], snd[row_reps]
+        if len(col_reps) < len(cols):
+            EF = _onehot(col_of).T @ EF
+            R = R[:, col_reps]
         if np.max(R, initial=0) > 0:
             if R.shape[0] == 1:
                 r = EF @ R[0] if R.shape[1] > 1 else R[0, 0]

@@ -145,6 +145,7 @@ def search(make_problem: Callable[[int, int, str], Problem | None], candidates: 
     heapq.heapify(queue)
     known = {it[2] for it in items}
     tightened: set[Candidate] = set()
+    follows: dict[Candidate, Candidate] = {}  # pruned by its dominator: its outcome and bound follow that one's
     best: tuple[Solution, Problem, Candidate] | None = None
     visited: list[Candidate] = []
     while queue:
@@ -175,6 +176,7 @@ def search(make_problem: Callable[[int, int, str], Problem | None], candidates: 
                 and _dominates(problems[dom], exact(cand))):
             outcome = "dominated" if results[dom].outcome != "cut" else "cut"
             results[cand] = CandidateResult(cand, max(bound, results[dom].bound), outcome)
+            follows[cand] = dom
             continue
         if best is not None and bound >= best[0].objective * (1 - mip_gap):
             own = best[2] == cand  # the incumbent's own candidate: its heuristic is proven within the gap
@@ -245,6 +247,8 @@ def search(make_problem: Callable[[int, int, str], Problem | None], candidates: 
         if best is None or sol.objective < best[0].objective or (
                 best[2] == cand and sol.objective <= best[0].objective):
             best = (sol, problem, cand)
+    for cand in follows:  # a dominator decided after its dominated candidate passes its outcome on
+        results[cand] = _follow(cand, follows, results)
     ordered = [results[c] for c in candidates if c in results]
     considered = len(items)
     pruned = sum(r.outcome in ("pruned", "dominated") for r in ordered)
@@ -272,6 +276,16 @@ def _incumbents(incumbents: Incumbents, visited: list[Candidate]):
     if callable(incumbents):
         return [a for a in (incumbents(c) for c in visited) if a is not None]
     return list(incumbents)
+
+
+def _follow(cand: Candidate, follows: Mapping[Candidate, Candidate],
+            results: dict[Candidate, CandidateResult]) -> CandidateResult:
+    """A dominated candidate's result from its dominator's final one (along a chain of them)."""
+    dom = follows[cand]
+    last = _follow(dom, follows, results) if dom in follows else results[dom]
+    own = results[cand]
+    outcome = "cut" if last.outcome == "cut" else "dominated"
+    return CandidateResult(cand, max(own.bound, last.bound), outcome, None, own.min_memory)
 
 
 def _dominates(better: Problem | None, worse: Problem) -> bool:
