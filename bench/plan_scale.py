@@ -84,8 +84,10 @@ CLI_CASES = [("llama:size=llama2-70b", 1024, "h100-80g:128x8", 60.0),
 
 def section_cli_scale() -> None:
     print("== 3. whole CLI in a fresh process (start-up included)")
+    # main() reading sys.argv, as the `fxplan` console script calls it
     code = ("import resource, sys; from fxplan.cli import main\n"
-            "rc = main(['plan', '--model', sys.argv[1], '--batch', sys.argv[2], '--cluster', sys.argv[3]])\n"
+            "sys.argv = ['fxplan', 'plan', '--model', sys.argv[1], '--batch', sys.argv[2], '--cluster', sys.argv[3]]\n"
+            "rc = main()\n"
             # VmHWM, not ru_maxrss: Linux carries the parent's high-water mark across fork and exec
             "print('RSS', int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM'))))\n"
             "sys.exit(rc or 0)")

@@ -1,6 +1,7 @@
 """The search's gap is global: over every (pp, microbatches, schedule) the pins allow, solved, pruned or
-cut. One analysis and one CostModel (its cost tables cached per (pp, microbatches)) serve the unpinned
-search and a slice of pinned solves; the full sweep of every pin is bench/plan_sweep.py."""
+cut. Per model (the 96-layer GPT on 8x8, GPT-3 175B on 128x8) one analysis and one CostModel (its cost
+tables cached per (pp, microbatches)) serve the unpinned search and a slice of pinned solves; the full
+sweep of every pin is bench/plan_sweep.py."""
 
 from __future__ import annotations
 
@@ -17,11 +18,10 @@ from fxplan.search_space import candidates, dominated_by
 GAP = 5e-3  # the planner's target for big chains
 
 
-@pytest.fixture(scope="module")
-def gpt96():
-    cluster = fxplan.Cluster.preset("a100-80g", nodes=8, devices_per_node=8)
-    model = build("gpt:layers=96,hidden=4096", device="meta")
-    inputs = example_batch(model, 512, device="meta")
+def _searched(spec: str, batch: int, nodes: int):
+    cluster = fxplan.Cluster.preset("a100-80g", nodes=nodes, devices_per_node=8)
+    model = build(spec, device="meta")
+    inputs = example_batch(model, batch, device="meta")
     analysis = analyse(model, inputs, cluster, fxplan.Constraints())
     lg = analysis.layer_graph
     costs = CostModel(lg, analysis.space, cluster, lg.batch_size, fxplan.Constraints())
@@ -30,6 +30,16 @@ def gpt96():
     res = search(costs.problem, cands, time_limit_s=600, mip_gap=GAP, dominated=dominated_by(cands),
                  bound_problem=costs.bound_problem)
     return costs, cands, res
+
+
+@pytest.fixture(scope="module")
+def gpt96():
+    return _searched("gpt:layers=96,hidden=4096", 512, 8)
+
+
+@pytest.fixture(scope="module")
+def gpt3():
+    return _searched("gpt:size=gpt3-175b", 1536, 128)
 
 
 def test_every_microbatch_count_and_schedule_is_a_candidate(gpt96):
@@ -41,8 +51,9 @@ def test_every_microbatch_count_and_schedule_is_a_candidate(gpt96):
         assert {s for p, _, s in cands if p == pp} == set(fxplan.constraints.RUNNABLE_SCHEDULES)
 
 
-def test_the_gap_is_global_and_the_counts_add_up(gpt96):
-    _, cands, res = gpt96
+@pytest.mark.parametrize("searched", ["gpt96", "gpt3"])
+def test_the_gap_is_global_and_the_counts_add_up(searched, request):
+    _, cands, res = request.getfixturevalue(searched)
     best = res.best
     assert 0 <= best.gap <= 0.01
     assert res.floor == pytest.approx(best.objective * (1 - best.gap), rel=1e-9)
@@ -55,10 +66,14 @@ def test_the_gap_is_global_and_the_counts_add_up(gpt96):
             assert r.bound >= best.objective * (1 - GAP) * (1 - 1e-9)
 
 
-@pytest.mark.parametrize("pin", [(8, 64, "1f1b"), (16, 128, "zb-h1"), (16, 32, "zb-h2"), (32, 256, "1f1b"),
-                                 (32, 64, "zb-h1"), (4, 16, "gpipe")])
-def test_no_pin_beats_the_unpinned_plan(gpt96, pin):
-    costs, cands, res = gpt96
+@pytest.mark.parametrize("searched,pin", [
+    ("gpt96", (8, 64, "1f1b")), ("gpt96", (16, 128, "zb-h1")), ("gpt96", (16, 32, "zb-h2")),
+    ("gpt96", (32, 256, "1f1b")), ("gpt96", (32, 64, "zb-h1")), ("gpt96", (4, 16, "gpipe")),
+    # GPT-3 175B: its plan's neighbours (pp 8 at 96 microbatches, pp 16 at 96 and 192, other schedules)
+    ("gpt3", (8, 96, "zb-h1")), ("gpt3", (16, 96, "1f1b")), ("gpt3", (16, 192, "zb-auto")),
+    ("gpt3", (16, 96, "zb-auto"))])
+def test_no_pin_beats_the_unpinned_plan(searched, pin, request):
+    costs, cands, res = request.getfixturevalue(searched)
     assert pin in cands
     sol = solve(costs.problem(*pin), time_limit_s=120, mip_gap=GAP)
     assert sol.objective >= res.best.objective * (1 - 0.005)
