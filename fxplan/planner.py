@@ -85,9 +85,16 @@ def solve_plan(analysis: Analysis, cluster: Cluster, constraints: Constraints, p
     cands = candidates(cluster, batch, len(lg.layers), constraints,
                        batch_coupled=any(layer.batch_coupled for layer in lg.layers))
     model = CostModel(lg, analysis.space, cluster, batch, constraints)
-    bounding = {cand: model.bound_problem(*cand) for cand in cands}  # built once: the search reads them too
-    cands = [cand for cand in cands if bounding[cand] is not None]
-    if not cands:
+    bounding: dict = {}  # built once, on first use: the search reads them too, and only while it has time
+
+    def bound_of(cand):
+        if cand not in bounding:
+            bounding[cand] = model.bound_problem(*cand)
+        return bounding[cand]
+
+    if planner != "miqp":
+        cands = [cand for cand in cands if bound_of(cand) is not None]
+    if not any(bound_of(cand) is not None for cand in cands):  # stops at the first that exists
         raise ConstraintError(why_no_candidate(cluster, batch, len(lg.layers), constraints))
     if planner == "exhaustive":
         _check_exhaustive_size(model, cands)
@@ -112,7 +119,7 @@ def solve_plan(analysis: Analysis, cluster: Cluster, constraints: Constraints, p
         res = search(model.problem, cands, deadline=deadline, progress=say,
                      method="miqp" if planner == "miqp" else "exhaustive", mip_gap=target,
                      incumbents=grid_incumbent if planner == "miqp" else (), dominated=dominated_by(cands),
-                     bound_problem=lambda *cand: bounding[cand],
+                     bound_problem=lambda *cand: bound_of(cand),
                      costly=lambda cand: cand[2] in GREEDY_SHARE and cand[0] > 1)
         if res.best is None:
             _raise_infeasible(cluster, res.min_memory_needed)

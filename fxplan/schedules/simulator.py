@@ -76,59 +76,83 @@ def held_activations(schedule: Schedule) -> tuple[float, ...]:
 
 def run(schedule: Schedule, times: PassTimes, iterations: int = ITERATIONS) -> list[Event]:
     """Every action of `iterations` chained iterations with its start and end time."""
+    events: list[Event] = []
+    _timeline(schedule, times, iterations, lambda r, it, a, start, end: events.append(Event(r, it, a, start, end)))
+    return events
+
+
+_PRODUCES = {"F": ("f",), "I": ("g", "i"), "B": ("g",), "W": ()}
+
+
+def _timeline(schedule: Schedule, times: PassTimes, iterations: int, record) -> None:
+    """Calls record(rank, iteration, action, start, end) for every action, in the order they are
+    decided. Each action's waits, duration and what it completes are worked out once and reused by
+    every iteration (a 64-stage, 512-microbatch list is 65k actions per iteration)."""
     place = schedule.placement
     n = place.num_stages
     backward_kind = {(a.stage, a.microbatch): a.kind for ops in schedule.actions for a in ops if a.kind in ("I", "B")}
-    queues = [[(it, a) for it in range(iterations) for a in ops] for ops in schedule.actions]
-    pos = [0] * len(queues)
-    free = [0.0] * len(queues)
-    done: dict[tuple, float] = {}
-    events: list[Event] = []
-    remaining = sum(len(q) for q in queues)
+    rows = []
+    for ops in schedule.actions:
+        row = []
+        for a in ops:
+            waits = tuple(((what, s, k), times.transfer(s, a.stage, place) if what in ("f", "g") else 0.0)
+                          for what, s, k in _dependencies(a, n, backward_kind))
+            made = tuple((what, a.stage, a.microbatch) for what in _PRODUCES[a.kind])
+            row.append((a, waits, times.duration(a, place), made))
+        rows.append(row)
+    done: list[dict[tuple, float]] = [{} for _ in range(iterations)]  # per iteration: (what, stage, mb) -> end
+    pos = [0] * len(rows)
+    free = [0.0] * len(rows)
+    totals = [len(row) * iterations for row in rows]
+    remaining = sum(totals)
     while remaining:
         progressed = False
-        for r, queue in enumerate(queues):
-            while pos[r] < len(queue):
-                it, a = queue[pos[r]]
-                deps = _dependencies(a, n, backward_kind)
-                if any((it,) + d not in done for d in deps):
-                    break
+        for r, row in enumerate(rows):
+            while pos[r] < totals[r]:
+                it, idx = divmod(pos[r], len(row))
+                a, waits, duration, made = row[idx]
+                finished = done[it]
                 ready = free[r]
-                for what, s, k in deps:
-                    arrival = done[(it, what, s, k)]
-                    if what in ("f", "g"):
-                        arrival += times.transfer(s, a.stage, place)
-                    ready = max(ready, arrival)
-                end = ready + times.duration(a, place)
-                events.append(Event(r, it, a, ready, end))
+                blocked = False
+                for key, delay in waits:
+                    arrival = finished.get(key)
+                    if arrival is None:
+                        blocked = True
+                        break
+                    if arrival + delay > ready:
+                        ready = arrival + delay
+                if blocked:
+                    break
+                end = ready + duration
+                record(r, it, a, ready, end)
                 free[r] = end
-                if a.kind == "F":
-                    done[(it, "f", a.stage, a.microbatch)] = end
-                elif a.kind == "I":
-                    done[(it, "g", a.stage, a.microbatch)] = end
-                    done[(it, "i", a.stage, a.microbatch)] = end
-                elif a.kind == "B":
-                    done[(it, "g", a.stage, a.microbatch)] = end
+                for key in made:
+                    finished[key] = end
                 pos[r] += 1
                 remaining -= 1
                 progressed = True
         if not progressed:
-            stuck = {r: str(queues[r][pos[r]][1]) for r in range(len(queues)) if pos[r] < len(queues[r])}
+            stuck = {r: str(rows[r][pos[r] % len(rows[r])][0]) for r in range(len(rows)) if pos[r] < totals[r]}
             raise ConstraintError(f"schedule {schedule.name!r} deadlocks: each rank's next action waits on "
                                   f"another's ({stuck}); its action order is impossible")
-    return events
 
 
 def simulate_schedule(schedule: Schedule, times: PassTimes) -> SimResult:
-    events = run(schedule, times)
-    ends = [max(e.end for e in events if e.iteration == it) for it in range(ITERATIONS)]
-    steady = (ends[-1] - ends[1]) / (ITERATIONS - 2)
+    ends = [0.0] * ITERATIONS
     busy = [0.0] * schedule.ranks
-    for e in events:
-        if e.iteration == 0:
-            busy[e.rank] += e.end - e.start
+    events: list[Event] = []
+
+    def record(r, it, a, start, end):
+        if end > ends[it]:
+            ends[it] = end
+        if it == 0:
+            busy[r] += end - start
+            events.append(Event(r, it, a, start, end))
+
+    _timeline(schedule, times, ITERATIONS, record)
+    steady = (ends[-1] - ends[1]) / (ITERATIONS - 2)
     bubble = 1.0 - sum(busy) / (schedule.ranks * steady) if steady > 0 else 0.0
     return SimResult(name=schedule.name, stages=schedule.ranks, microbatches=schedule.microbatches,
                      chunks=schedule.placement.chunks, iteration_time=steady, bubble_rate=bubble,
                      peak_activations=held_activations(schedule), busy=tuple(busy),
-                     events=tuple(e for e in events if e.iteration == 0), schedule=schedule)
+                     events=tuple(events), schedule=schedule)

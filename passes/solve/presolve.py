@@ -49,8 +49,10 @@ def merge_parallel_edges(problem: Problem) -> Problem:
     return replace(problem, edges=edges)
 
 
-def _dominated(problem: Problem, u: int, alive: list[np.ndarray], touching: list) -> np.ndarray:
-    """Positions (in alive[u]) of strategies of layer u that another alive strategy dominates."""
+def _dominated(problem: Problem, u: int, alive: list[np.ndarray], touching: list,
+               seen: dict[bytes, np.ndarray] | None = None) -> np.ndarray:
+    """Positions (in alive[u]) of strategies of layer u that another alive strategy dominates.
+    `seen`: answers by table (identical layers between identical neighbours compare alike)."""
     # one column per compared quantity, rows = alive strategies; "smaller is better" everywhere
     cols = [np.asarray(getattr(problem, name)[u], float)[alive[u]][:, None] for name in _arrays(problem)]
     for e in touching[u]:
@@ -60,6 +62,9 @@ def _dominated(problem: Problem, u: int, alive: list[np.ndarray], touching: list
         if e.dst == u:
             cols.append(e.reshard[np.ix_(alive[e.src], alive[u])].T)
     table = np.concatenate(cols, axis=1)
+    key = table.tobytes() + bytes(str(table.shape), "ascii")
+    if seen is not None and key in seen:
+        return seen[key]
     n = len(table)
     le = np.all(table[:, None, :] <= table[None, :, :], axis=2)  # le[j, k]: j no worse than k
     lt = np.any(table[:, None, :] < table[None, :, :], axis=2)
@@ -71,6 +76,8 @@ def _dominated(problem: Problem, u: int, alive: list[np.ndarray], touching: list
     for k in range(n):  # only a surviving strategy may knock another out
         if not dead[k] and np.any(beats[:, k] & ~dead):
             dead[k] = True
+    if seen is not None:
+        seen[key] = np.nonzero(dead)[0]
     return np.nonzero(dead)[0]
 
 
@@ -78,11 +85,12 @@ def drop_dominated(problem: Problem) -> Reduced:
     alive = [np.arange(problem.num_strategies(u)) for u in range(problem.num_layers)]
     touching = [[e for e in problem.edges if u in (e.src, e.dst)] for u in range(problem.num_layers)]
     changed = True
+    seen: dict[bytes, np.ndarray] = {}
     while changed:  # dropping a strategy can make a neighbour's columns dominate: to a fixpoint
         changed = False
         for u in range(problem.num_layers):
             if len(alive[u]) > 1:
-                dead = _dominated(problem, u, alive, touching)
+                dead = _dominated(problem, u, alive, touching, seen)
                 if len(dead):
                     alive[u] = np.delete(alive[u], dead)
                     changed = True

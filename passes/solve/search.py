@@ -102,19 +102,29 @@ def search(make_problem: Callable[[int, int, str], Problem | None], candidates: 
 
     items = []
     limit = float("inf")
-    for cand in candidates:
+
+    def cheap_problem(cand: Candidate) -> Problem | None:
+        nonlocal limit
         problem = (bound_problem or make_problem)(*cand)
         if problem is None:
             results[cand] = CandidateResult(cand, float("inf"), "skipped")
-            continue
+            return None
         if bound_problem is None:
             problems[cand] = problem
         limit = problem.memory_limit
+        return problem
+
+    for cand in candidates:
         # a quick bound orders the candidates; the full one is computed when a candidate's turn comes.
-        # Past the deadline no bound is proven: 0 bounds every iteration time
-        bounded = time.perf_counter() < end
-        bound = lower_bound(problem, quick=True) if bounded else 0.0
-        items.append((bound, cand in dominated, cand, problem, bounded))
+        # Past the deadline no bound is proven (0 bounds every iteration time) and no arrays are built
+        # (hundreds of candidates' cost tables take seconds): a candidate popped then is built only
+        # while there is no plan at all
+        if time.perf_counter() >= end:
+            items.append((0.0, cand in dominated, cand, None, False))
+            continue
+        problem = cheap_problem(cand)
+        if problem is not None:
+            items.append((lower_bound(problem, quick=True), cand in dominated, cand, problem, True))
     # unbounded candidates (the deadline came first) go last: a candidate known to be good is the one
     # tried for a plan at all
     # A costly candidate's cheap bound can sit far below its optimum (zb-auto's bubble share is
@@ -152,6 +162,13 @@ def search(make_problem: Callable[[int, int, str], Problem | None], candidates: 
         _, n, it = heapq.heappop(queue)
         bound, _, cand, cheap, _ = it
         label = f"pp={cand[0]} mb={cand[1]} {cand[2]}"
+        if cheap is None:  # listed past the deadline
+            if best is not None:
+                results[cand] = CandidateResult(cand, 0.0, "cut")
+                continue
+            if (cheap := cheap_problem(cand)) is None:
+                continue
+            it = it[:3] + (cheap,) + it[4:]
         if cand not in tightened and time.perf_counter() < end:
             tightened.add(cand)
             # a bound past the incumbent prunes (and cannot be the global floor): no need for more of it
