@@ -30,6 +30,7 @@ STORE_TRIES = 5  # looks in a row the store may fail before the watch gives up (
 EXIT_MARK_S = 0.5  # a store round trip takes milliseconds; an unreachable one must not hold the exit
 _current: list = [None]  # the watch of the newest LockStep: every rank makes them in the same order
 _thread: list = [None]
+_stopping = threading.Event()  # set at interpreter exit: the watch ends before the interpreter does
 
 
 class PeerWatch:
@@ -101,8 +102,7 @@ class PeerWatch:
 
 def _watch() -> None:
     owner, store, failures = None, None, 0
-    while True:
-        time.sleep(POLL_S)
+    while not _stopping.wait(POLL_S):
         watch = _current[0]
         if watch is None:
             continue
@@ -121,6 +121,13 @@ def _ended_by_itself() -> None:
     """At interpreter exit (a return or an exception, not a kill): peers must not call this rank lost,
     and ranks ending now are the job ending, not losses to report."""
     watch, _current[0] = _current[0], None
+    # A daemon thread still inside a store call when the interpreter finalises is ended by
+    # pthread_exit on its way back to the GIL; unwinding through the C++ binding's noexcept frames
+    # then aborts the process ("terminate called without an active exception"). Let the watch
+    # finish its look first (milliseconds; an unreachable store is waited for EXIT_MARK_S at most).
+    _stopping.set()
+    if _thread[0] is not None:
+        _thread[0].join(EXIT_MARK_S)
     if watch is None:
         return
 

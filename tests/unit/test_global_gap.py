@@ -11,7 +11,7 @@ import fxplan
 from fxplan.models import build, example_batch
 from fxplan.passes.cost.model import CostModel
 from fxplan.passes.solve.candidate import solve
-from fxplan.passes.solve.search import OUTCOMES, search
+from fxplan.passes.solve.search import OUTCOMES, _dominates, search
 from fxplan.planner import analyse
 from fxplan.search_space import candidates, dominated_by
 
@@ -80,3 +80,23 @@ def test_no_pin_beats_the_unpinned_plan(searched, pin, request):
     # the global bound is below what this pin reaches, so below its optimum's upper end (where the
     # bound is exact, the two meet up to the bound's arithmetic)
     assert res.floor <= sol.objective * (1 + 1e-9)
+
+
+def test_a_dominated_candidate_follows_its_dominator_to_the_end(gpt96):
+    """zb-auto with no more microbatches than stages holds as many as zb-h1 at zb-h1's bubble: the same
+    problem, solved once. And whatever a dominator's first pass said ("cut" while it waits for its
+    MILP), the candidates it dominates end with its final outcome and bound."""
+    costs, cands, res = gpt96
+    by = {r.candidate: r for r in res.per_candidate}
+    for pp in (8, 16):
+        auto, h1 = costs.problem(pp, pp, "zb-auto"), costs.problem(pp, pp, "zb-h1")
+        assert auto.bubble_share == h1.bubble_share
+        assert [auto.in_flight(i) for i in range(pp)] == [h1.in_flight(i) for i in range(pp)]
+        assert _dominates(h1, auto)
+        assert by[(pp, pp, "zb-auto")].outcome in ("dominated", "pruned")
+    dominators = dominated_by(cands)
+    followed = [r for r in res.per_candidate if r.outcome == "dominated"]
+    assert followed
+    for r in followed:
+        final = by[dominators[r.candidate]]
+        assert final.outcome != "cut" and r.bound >= final.bound
