@@ -33,13 +33,14 @@ def _meta_device(x):
 class _MetaProp(fx.Interpreter):
     """Runs the graph on meta tensors; devices in the graph (export bakes `device=cpu`) become meta."""
 
-    def __init__(self, gm: fx.GraphModule, attr_cache: dict):
+    def __init__(self, gm: fx.GraphModule, attr_cache: dict, op_cache: dict | None = None):
         super().__init__(gm, garbage_collect_values=True)
         self.attr_cache = attr_cache
         self.vals: dict[str, object] = {}
         # Repeated blocks call the same ops on the same shapes: meta kernels (many in Python) run
         # once per distinct call and later calls rebuild fresh meta tensors from the cached specs.
-        self.op_cache: dict = {}
+        # Keyed by the op and its arguments' specs only, so one cache serves several graphs.
+        self.op_cache: dict = {} if op_cache is None else op_cache
 
     def run_node(self, n: fx.Node):
         try:
@@ -154,12 +155,14 @@ def _meta_args(args, kwargs):
     return args, kwargs
 
 
-def propagate(gm: fx.GraphModule, inputs, batch_scale: int) -> dict[str, object]:
+def propagate(gm: fx.GraphModule, inputs, batch_scale: int, op_cache: dict | None = None) -> dict[str, object]:
+    """Every node's meta value with the batch dim of the inputs scaled by `batch_scale`. `op_cache`:
+    specs of earlier calls to reuse (the same graph re-propagated after a rewrite, say)."""
     metas = []
     for x in inputs:
         shape = (x.shape[0] * batch_scale, *x.shape[1:])
         metas.append(torch.empty(shape, dtype=x.dtype, device="meta"))
-    prop = _MetaProp(gm, {})
+    prop = _MetaProp(gm, {}, op_cache)
     try:
         with torch.no_grad():
             prop.run(*metas)

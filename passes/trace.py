@@ -226,17 +226,18 @@ def _user_frame(exc: BaseException) -> str:
 def _finish(gm: fx.GraphModule, method: str, inputs) -> Traced:
     """The finished Traced, its ratio loss (mean over valid tokens, weighted mean) split into numerator
     and denominator (passes/loss_ratio.py) so that every batch split keeps one device's loss."""
-    return split_ratio_loss(_finish_graph(gm, method, inputs), tuple(inputs),
-                            lambda g, ins: _finish_graph(g, method, ins))
+    ops: dict = {}  # the split graph is propagated again: its unchanged ops reuse the first pass's specs
+    return split_ratio_loss(_finish_graph(gm, method, inputs, ops), tuple(inputs),
+                            lambda g, ins: _finish_graph(g, method, ins, ops))
 
 
-def _finish_graph(gm: fx.GraphModule, method: str, inputs) -> Traced:
+def _finish_graph(gm: fx.GraphModule, method: str, inputs, ops: dict | None = None) -> Traced:
     graph = gm.graph
     _place_get_attrs(graph)
     placeholders = tuple(n.name for n in graph.nodes if n.op == "placeholder")
     if len(placeholders) != len(inputs):
         raise ModelError(f"forward takes {len(placeholders)} tensor inputs but {len(inputs)} example inputs were given")
-    vals = propagate(gm, inputs, batch_scale=1)
+    vals = propagate(gm, inputs, batch_scale=1, op_cache=ops)
     for node in graph.nodes:
         if node.name in vals:
             node.meta["val"] = vals[node.name]
@@ -253,7 +254,7 @@ def _finish_graph(gm: fx.GraphModule, method: str, inputs) -> Traced:
     _localize_input_shapes(graph)
     graph.lint()
     gm.recompile()
-    doubled = propagate(gm, inputs, batch_scale=2)
+    doubled = propagate(gm, inputs, batch_scale=2, op_cache=ops)
     tensors = {}
     for node in graph.nodes:
         val = node.meta.get("val")
