@@ -5,17 +5,22 @@ layers. Stage placement is monotone, so per segment two cumulative binary vector
 starts and ends: A[g, i] = [first stage of g >= i], B[g, i] = [last stage of g >= i]; occupancy of
 stage i is B[g, i] - A[g, i+1]. No stage is empty.
 
-* a singleton picks one strategy S[g, k]; its time / sync / memory on stage i go into continuous
-  w[g, i] >= value(S) - M (1 - occ[g, i]) with M the largest value (the big-M is the true bound).
-  Only lower bounds are needed: every such quantity is either minimised or capped from above.
+* a singleton picks one strategy S[g, k]; continuous Z[g, i, k] >= 0 with row sums occ[g, i] and
+  column sums S[g, k] is the product [on stage i][strategy k] (exact for binaries: one stage, one
+  strategy), so its time / sync / memory on stage i are linear in Z, with the product's hull as LP
+  relaxation (big-M rows w >= value(S) - M (1 - occ) relax to almost nothing and left HiGHS
+  branching for seconds on a 22-layer chain).
 * a run of n identical layers has integer counts x[g, i, k] (layers of the run on stage i using
   strategy k): stage time, sync and memory are linear in x, no big-M at all. Its chain edges are
   priced through strategy classes (strategies the edges treat alike): first/last class per stage,
   class-to-class transitions inside a stage (a flow from the first class to the last), and one
   transition across each boundary the run straddles.
 * an edge u -> v between segments: e[k, l] >= 0 with row sums = u's (last) strategy and column
-  sums = v's (first) strategy, exact for binaries; its reshard is charged to v's first stage and
-  its send to every boundary between them, both through big-M lower bounds.
+  sums = v's (first) strategy, exact for binaries, over the distinct layouts only (strategies that
+  differ by fsdp / recompute price the edge alike: their rows and columns are summed first, which
+  keeps K x K variables per edge down to a few dozen); its reshard is charged to v's first stage and
+  its send to every boundary between them, both through big-M lower bounds (only lower bounds are
+  needed: every such quantity is either minimised or capped from above).
 
 Objective (problem.evaluate): beta (sum_i p_i + sum_j o_j) + (c-beta) max(p_i, o_j) + max_i sync_i, where
 sum_i p_i does not depend on stages and is written directly (a much tighter relaxation).
