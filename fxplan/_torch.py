@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode as DispatchMode  # a mode below autograd
 
 # ---------------------------------------------------------------- op identity (graph analyses)
 # An aten op in an exported graph is an OpOverload (aten.add.Tensor) or its packet (aten.add).
@@ -24,6 +25,17 @@ def is_aten_op(target) -> bool:
 def op_argument_names(op: OpOverload) -> list[str]:
     """The argument names of an aten op's schema, in call order."""
     return [argument.name for argument in op._schema.arguments]
+
+
+# ---------------------------------------------------------------- ops seen below autograd (meta checks)
+
+
+def is_functional_op(op: OpOverload) -> bool:
+    """The op neither mutates nor aliases an input and draws no random numbers: its outputs' specs
+    follow from its inputs' specs alone."""
+    schema = op._schema
+    return (not schema.is_mutable and not any(r.alias_info for r in schema.returns)
+            and torch.Tag.nondeterministic_seeded not in op.tags)
 
 
 # ---------------------------------------------------------------- graphs from torch.export

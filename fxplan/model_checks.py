@@ -16,9 +16,8 @@ import contextlib
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from fxplan._torch import own_buffers, own_parameters, tensor_version
+from fxplan._torch import DispatchMode, is_functional_op, own_buffers, own_parameters, tensor_version
 from fxplan.errors import ModelError
 from fxplan.passes.ir import Traced, op_name
 from fxplan.passes.meta_prop import from_spec, op_key, value_spec
@@ -109,7 +108,7 @@ def check_forward_on_meta(model: nn.Module, inputs) -> None:
                          f"drift apart: update parameters in the optimizer step, not in forward")
 
 
-class _RepeatedOps(TorchDispatchMode):
+class _RepeatedOps(DispatchMode):
     """Below autograd: an op that neither mutates nor aliases its inputs, called again on the same
     meta shapes (the same block repeated), returns fresh meta tensors of the first call's shapes
     instead of re-running its meta kernel (many are Python). Autograd above still records it, so
@@ -121,10 +120,7 @@ class _RepeatedOps(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        schema = func._schema
-        plain = not schema.is_mutable and not any(r.alias_info for r in schema.returns) \
-            and torch.Tag.nondeterministic_seeded not in func.tags
-        key = op_key(func, args, kwargs) if plain else None
+        key = op_key(func, args, kwargs) if is_functional_op(func) else None
         if key is not None and key in self.specs:
             return from_spec(self.specs[key])
         result = func(*args, **kwargs)
