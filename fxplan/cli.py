@@ -180,7 +180,7 @@ def main(argv=None) -> int:
 
     try:
         code = {"plan": cmd_plan, "schedule": cmd_schedule, "demo": cmd_demo,
-                "calibrate": cmd_calibrate}[args.command](args)
+                 "calibrate": cmd_calibrate}[args.command](args)
         if argv is None:
             # Run as the program: the interpreter's teardown would collect every object torch made
             # (0.4-0.8 s of a 6 s plan); frozen, they are left to the process's exit.

@@ -37,7 +37,7 @@ import numpy as np
 
 from fxplan.passes.solve.bounds import CHAIN_BOUND_LAYERS, min_bottleneck, min_weighted_bottleneck
 from fxplan.passes.solve.problem import Problem, in_flight
-from fxplan.passes.solve.presolve import Segment, endpoint_classes, segments
+from fxplan.passes.solve.presolve import Segment, endpoint_classes, row_classes, segments
 
 
 @dataclass(frozen=True)
@@ -58,14 +58,6 @@ def _onehot(cls: np.ndarray) -> np.ndarray:
     Q = np.zeros((len(cls), cls.max() + 1))
     Q[np.arange(len(cls)), cls] = 1.0
     return Q
-
-
-def _alike(M: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(class of each row, first row of each class) for the equal rows of M."""
-    first: dict[bytes, int] = {}
-    of = np.array([first.setdefault(row.tobytes(), len(first)) for row in np.ascontiguousarray(M)])
-    reps = np.array([int(np.nonzero(of == q)[0][0]) for q in range(len(first))])
-    return of, reps
 
 
 def solve_milp(problem: Problem, *, time_limit_s: float, mip_gap: float = 1e-4,
@@ -178,9 +170,8 @@ def solve_milp(problem: Problem, *, time_limit_s: float, mip_gap: float = 1e-4,
             cons += [x <= n * used, cp.reshape(work, (pp, 1), order="C") @ np.ones((1, K))
                      >= cp.multiply(used, np.tile(wk, (pp, 1)))]
         total.append(cp.sum(x @ tt))
-        cls = endpoint_classes(problem, s)
-        C = int(cls.max()) + 1
-        reps = np.array([int(np.nonzero(cls == q)[0][0]) for q in range(C)])
+        cls, reps = endpoint_classes(problem, s)
+        C = len(reps)
         R = s.chain.reshard[np.ix_(reps, reps)] * ts
         snd = s.chain.send[reps] * ts
         if C == 1:
@@ -261,8 +252,8 @@ def solve_milp(problem: Problem, *, time_limit_s: float, mip_gap: float = 1e-4,
         snd = e.send[rows] * ts
         # strategies that leave the tensors in one layout (fsdp, recompute) price alike: one row or
         # column per distinct layout keeps the transport variables few (K x K per edge otherwise)
-        row_of, row_reps = _alike(np.concatenate([R, snd[:, None]], axis=1))
-        col_of, col_reps = _alike(R.T)
+        row_of, row_reps = row_classes(np.concatenate([R, snd[:, None]], axis=1))
+        col_of, col_reps = row_classes(R.T)
         if len(row_reps) < len(rows):
             EL = _onehot(row_of).T @ EL
             R, snd = R[row_reps], snd[row_reps]

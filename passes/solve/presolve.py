@@ -76,9 +76,10 @@ def _dominated(problem: Problem, u: int, alive: list[np.ndarray], touching: list
     for k in range(n):  # only a surviving strategy may knock another out
         if not dead[k] and np.any(beats[:, k] & ~dead):
             dead[k] = True
+    positions = np.nonzero(dead)[0]
     if seen is not None:
-        seen[key] = np.nonzero(dead)[0]
-    return np.nonzero(dead)[0]
+        seen[key] = positions
+    return positions
 
 
 def drop_dominated(problem: Problem) -> Reduced:
@@ -157,13 +158,13 @@ def segments(problem: Problem) -> tuple[Segment, ...]:
     return tuple(segs)
 
 
-def endpoint_classes(problem: Problem, seg: Segment) -> np.ndarray:
-    """Class id per strategy of a run: strategies that every edge treats alike share a class.
+def endpoint_classes(problem: Problem, seg: Segment) -> tuple[np.ndarray, np.ndarray]:
+    """(class id per strategy of a run, first strategy of each class): strategies that every edge
+    treats alike share a class.
 
     Inside a stage, layers of one class may be reordered freely, so the MILP only needs class
     counts and class-to-class transitions to price the run's edges exactly.
     """
-    K = problem.num_strategies(seg.first)
     parts = [seg.chain.reshard, seg.chain.reshard.T, seg.chain.send[:, None]]
     for e in problem.edges:
         if e.dst == seg.first and e is not seg.chain:
@@ -171,16 +172,19 @@ def endpoint_classes(problem: Problem, seg: Segment) -> np.ndarray:
         if e.src == seg.last and e is not seg.chain:
             parts.append(e.reshard)
             parts.append(e.send[:, None])
-    sig = np.concatenate(parts, axis=1)
-    cls = -np.ones(K, dtype=int)
+    # rows and columns equal => R[k, l] equals R[r, l] and R[l, k] equals R[l, r] for all l
+    return row_classes(np.concatenate(parts, axis=1))
+
+
+def row_classes(M: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(class of each row, first row of each class): rows equal in every entry share a class,
+    numbered in order of first appearance."""
+    first: dict[bytes, int] = {}
     reps: list[int] = []
-    for k in range(K):
-        for c, r in enumerate(reps):
-            # rows and columns equal => R[k, l] equals R[r, l] and R[l, k] equals R[l, r] for all l
-            if np.array_equal(sig[k], sig[r]):
-                cls[k] = c
-                break
-        else:
-            cls[k] = len(reps)
+    cls = np.empty(len(M), dtype=int)
+    for k, row in enumerate(np.ascontiguousarray(M, dtype=float) + 0.0):  # + 0.0: -0.0 equals 0.0
+        c = first.setdefault(row.tobytes(), len(first))
+        if c == len(reps):
             reps.append(k)
-    return cls
+        cls[k] = c
+    return cls, np.array(reps, dtype=int)

@@ -191,8 +191,8 @@ def search(make_problem: Callable[[int, int, str], Problem | None], candidates: 
             continue
         if (dom in results and dom in problems and results[dom].outcome != "infeasible"
                 and _dominates(problems[dom], exact(cand))):
-            outcome = "dominated" if results[dom].outcome != "cut" else "cut"
-            results[cand] = CandidateResult(cand, max(bound, results[dom].bound), outcome)
+            # its outcome and bound are its dominator's final ones, read when the search ends
+            results[cand] = CandidateResult(cand, bound, "dominated")
             follows[cand] = dom
             continue
         if best is not None and bound >= best[0].objective * (1 - mip_gap):
