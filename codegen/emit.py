@@ -83,10 +83,14 @@ def replicated_spec(layer) -> TPSpec:
     return TPSpec.replicated(layer)
 
 
-def _stage_of_rank(plan, rank: int):
+def _stage_of_rank(plan, rank: int, index: int | None = None):
+    """(stage, rank's position in it): the rank's only stage, or stage `index` of those it holds."""
     for stage in plan.stages:
-        if rank in stage.devices:
+        if rank in stage.devices and index in (None, stage.index):
             return stage, stage.devices.index(rank)
+    if index is not None:
+        raise PlanFileError(f"rank {rank} does not hold stage {index} of the plan (it holds "
+                            f"{list(plan.stages_of_rank(rank))})")
     raise PlanFileError(f"rank {rank} is not a device of any stage of the plan (world size {plan.world_size})")
 
 
@@ -108,20 +112,21 @@ def requires_grad_map(traced) -> dict[str, bool]:
 
 
 def emit_rank(traced: Traced, layer_graph: LayerGraph, space: StrategySpace, plan, rank: int, params=None, *,
-              ops: GraphOps) -> RankProgram:
+              ops: GraphOps, stage: int | None = None) -> RankProgram:
     """The program of global rank `rank` under `plan`, its collectives calls to `ops`' functions.
 
     params: None (cut the shards from the traced module's tensors), a state_dict-like mapping of
     full tensors, or "meta" (local shards created on the meta device; the runtime materialises them).
+    stage: which of the rank's stages, when it holds several (plan.chunks > 1; default its first).
     """
-    return _Emitter(traced, layer_graph, space, plan, rank, params, ops).run()
+    return _Emitter(traced, layer_graph, space, plan, rank, params, ops, stage).run()
 
 
 class _Emitter:
-    def __init__(self, traced, layer_graph, space, plan, rank, params, ops: GraphOps):
+    def __init__(self, traced, layer_graph, space, plan, rank, params, ops: GraphOps, stage: int | None = None):
         self.traced, self.lg, self.space, self.plan, self.rank = traced, layer_graph, space, plan, rank
         self.ops = ops
-        self.stage, self.q = _stage_of_rank(plan, rank)
+        self.stage, self.q = _stage_of_rank(plan, rank, stage)
         self.devices = tuple(self.stage.devices)
         self.n = len(self.devices)
         self.mb = plan.microbatches

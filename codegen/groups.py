@@ -100,6 +100,6 @@ def required_group_keys(plan: Plan) -> list[str]:
                 found.update(tuple(sorted(g)) for g in sub_row_groups(devices, tp, tp_dst))
     n = len(plan.stages[0].devices)
     for q in range(n):
-        found.add(tuple(stage.devices[q] for stage in plan.stages))
+        found.add(tuple(sorted({stage.devices[q] for stage in plan.stages})))  # chunks: a rank holds several
     keep = sorted((g for g in found if len(g) > 1), key=lambda g: (len(g), g))
     return [group_key(g) for g in keep]

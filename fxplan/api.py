@@ -49,18 +49,19 @@ class Compiled:
 
         return EmitSource(self.traced, self.layer_graph, self.space)
 
-    def rank_program(self, rank: int, params=None, meta: bool = False):
+    def rank_program(self, rank: int, params=None, meta: bool = False, stage: int | None = None):
         from fxplan.codegen.emit import emit_rank
         from fxplan.runtime.collectives import GRAPH_OPS
 
         if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < self.plan.world_size:
             raise DistributedSetupError(f"rank {rank!r} is outside the plan's {self.plan.world_size} ranks")
         if params is not None:
-            return emit_rank(self.traced, self.layer_graph, self.space, self.plan, rank, params=params, ops=GRAPH_OPS)
-        key = (rank, meta)
+            return emit_rank(self.traced, self.layer_graph, self.space, self.plan, rank, params=params, ops=GRAPH_OPS,
+                             stage=stage)
+        key = (rank, meta, stage)
         if key not in self._programs:
             self._programs[key] = emit_rank(self.traced, self.layer_graph, self.space, self.plan, rank,
-                                            params="meta" if meta else None, ops=GRAPH_OPS)
+                                            params="meta" if meta else None, ops=GRAPH_OPS, stage=stage)
         return self._programs[key]
 
     def rank_module(self, rank: int):

@@ -9,10 +9,21 @@ from fxplan.errors import ConstraintError
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h2", "zbv", "zb-auto")
 """Every pipeline schedule name fxplan knows: what Constraints.schedule may name."""
 CHUNKED_SCHEDULES = ("interleaved-1f1b", "zbv")  # more than one model chunk per rank
+CHUNKS = {"interleaved-1f1b": 2, "zbv": 2}
+"""Model chunks per rank that a plan of each chunked schedule uses (zbv: exactly two, a V)."""
+
+
+def chunks_of(schedule: str | None) -> int:
+    return CHUNKS.get(schedule, 1)
 RUNNABLE_SCHEDULES = ("1f1b", "zb-h1", "zb-h2", "zb-auto", "gpipe")
 """The schedules this version plans and runs (the cost model's bubble and memory terms and the runtime
 all handle them), best first: with one stage, where every schedule costs the same, 1F1B is planned
 (fewer activations than GPipe, no split backward)."""
+PINNED_ONLY_SCHEDULES = CHUNKED_SCHEDULES
+"""Schedules planned and run when Constraints.schedule names one, but not tried by the unpinned
+search: their candidates place pp * chunks stages under a per-stage share of memory (the cost
+model's conservative reading of a rank holding several stages), so an unpinned search comparing
+them with the one-chunk schedules would compare a stricter memory model with a looser one."""
 
 
 @dataclass(frozen=True, kw_only=True)

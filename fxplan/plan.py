@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
 
+from fxplan.constraints import chunks_of
 from fxplan.errors import PlanFileError
 from fxplan.plan_schema import check_plan_dict, parse_plan_text
 
@@ -122,6 +123,10 @@ class Plan:
                 return stage.index
         raise KeyError(layer)
 
+    def stages_of_rank(self, rank: int) -> tuple[int, ...]:
+        """The indices of the stages `rank` holds, in pipeline order (one, or `chunks`)."""
+        return tuple(s.index for s in self.stages if rank in s.devices)
+
     def _bubble_text(self) -> str:
         bubble = self.assumptions.get("schedule_bubble")
         return f" (bubble {float(bubble):.1%})" if bubble is not None and self.pp > 1 else ""
@@ -228,8 +233,9 @@ class Plan:
 
     def check_shape(self) -> None:
         """Structural checks that need no model: stage count, device cover, dp*tp per stage."""
-        if self.pp != len(self.stages) or self.pp < 1:
-            raise PlanFileError(f"plan says pp={self.pp} but has {len(self.stages)} stages")
+        if self.pp < 1 or self.chunks < 1 or self.pp * self.chunks != len(self.stages):
+            per = f" x chunks={self.chunks}" if self.chunks != 1 else ""
+            raise PlanFileError(f"plan says pp={self.pp}{per} but has {len(self.stages)} stages; list pp * chunks stages")
         if self.microbatches < 1:
             raise PlanFileError(f"plan has microbatches={self.microbatches}; it must be >= 1")
         seen: list[int] = []
@@ -248,7 +254,14 @@ class Plan:
                 if strat.fsdp and strat.dp == 1:
                     raise PlanFileError(f"layer {name}: fsdp needs dp > 1 (it shards over the dp axis); set fsdp false "
                                         f"or dp > 1")
-            seen.extend(stage.devices)
+        placement = stage_placement(self.schedule, self.pp, self.chunks)
+        for r in range(self.pp):  # a rank's chunks share its devices: every stage of place r has one set
+            held = {tuple(self.stages[i].devices) for i in placement.stages_of(r)}
+            if len(held) != 1:
+                raise PlanFileError(f"stages {list(placement.stages_of(r))} run on one rank each under "
+                                    f"{self.schedule} with {self.chunks} chunks per rank, but list different devices "
+                                    f"{sorted(held)}; give them the same devices")
+            seen.extend(held.pop())
         if len({len(s.devices) for s in self.stages}) != 1:
             raise PlanFileError(f"every stage must have the same number of devices, got "
                                 f"{[len(s.devices) for s in self.stages]}; give each stage world_size/pp ranks")
@@ -268,3 +281,32 @@ class Plan:
 
 def _solver_dict(solver: SolverInfo) -> dict:
     return {f: getattr(solver, f) for f in SolverInfo.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which rank runs each stage: "loop" puts stage s on rank s % ranks (interleaved schedules),
+    "v" puts stages r and 2*ranks-1-r on rank r (V schedules: the turn-around stays on one rank)."""
+
+    ranks: int
+    chunks: int = 1
+    style: str = "loop"
+
+    @property
+    def num_stages(self) -> int:
+        return self.ranks * self.chunks
+
+    def rank_of(self, stage: int) -> int:
+        if self.style == "v":
+            return stage if stage < self.ranks else 2 * self.ranks - 1 - stage
+        return stage % self.ranks
+
+    def stages_of(self, rank: int) -> tuple[int, ...]:
+        return tuple(s for s in range(self.num_stages) if self.rank_of(s) == rank)
+
+
+def stage_placement(schedule: str, pp: int, chunks: int | None = None) -> Placement:
+    """Which place along the pipeline (block of world/pp ranks) runs each stage of a `schedule` plan:
+    one stage per place, or `chunks` of them (interleaved: stage s on place s % pp; zbv: a V)."""
+    chunks = chunks_of(schedule) if chunks is None else chunks
+    return Placement(pp, chunks, "v" if schedule == "zbv" else "loop")

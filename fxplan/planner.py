@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, replace
 
 from fxplan.cluster import Cluster
-from fxplan.constraints import RUNNABLE_SCHEDULES, Constraints
+from fxplan.constraints import PINNED_ONLY_SCHEDULES, RUNNABLE_SCHEDULES, Constraints, chunks_of
 from fxplan.errors import ConstraintError, InfeasiblePlanError, PlanFileError
 from fxplan.passes.cost.model import CostModel
 from fxplan.passes.cost.schedule_costs import GREEDY_SHARE
@@ -23,7 +23,7 @@ from fxplan.passes.solve.grid import grid_search
 from fxplan.passes.solve.balance import even_stages
 from fxplan.passes.solve.problem import Evaluation, evaluate
 from fxplan.passes.solve.search import Assignment, search
-from fxplan.plan import Plan, SolverInfo, Stage, Strategy
+from fxplan.plan import Plan, SolverInfo, Stage, Strategy, stage_placement
 from fxplan.schedule_plan import schedule_assumptions
 from fxplan.search_space import (
     candidates, check_batch_coupling, dominated_by, enough_microbatches, pipeline_degrees, tensor_degrees, why_no_candidate)
@@ -54,9 +54,10 @@ def analyse(model, example_inputs, cluster: Cluster, constraints: Constraints, p
     start = time.perf_counter()
     traced = trace(model, example_inputs)
     layer_graph = coarsen(traced)
-    if constraints.pp is not None and constraints.pp > len(layer_graph.layers):
+    stages = None if constraints.pp is None else constraints.pp * chunks_of(constraints.schedule)
+    if stages is not None and stages > len(layer_graph.layers):
         # A pinned pipeline deeper than the default layers: cut the graph finer (at cut points).
-        layer_graph = coarsen(traced, granularity=constraints.pp)
+        layer_graph = coarsen(traced, granularity=stages)
     say(f"traced ({traced.method}) and coarsened into {len(layer_graph.layers)} layers "
         f"in {time.perf_counter() - start:.2f} s")
     pps = pipeline_degrees(cluster, len(layer_graph.layers), constraints)
@@ -188,16 +189,19 @@ def build_plan(lg: LayerGraph, cluster: Cluster, chosen: Assignment, strategy_li
                ev: Evaluation, solver: SolverInfo, assumptions: dict) -> Plan:
     pp, c, schedule = chosen.candidate
     n_s = cluster.world_size // pp
+    placement = stage_placement(schedule, pp)
     stages = []
-    for i in range(pp):
+    for i in range(placement.num_stages):
         names = [lg.layers[u].name for u in range(len(lg.layers)) if chosen.stage_of[u] == i]
         strategies = {lg.layers[u].name: strategy_list[u] for u in range(len(lg.layers)) if chosen.stage_of[u] == i}
-        stages.append(Stage(index=i, layers=tuple(names), devices=tuple(range(i * n_s, (i + 1) * n_s)),
+        r = placement.rank_of(i)  # the stage's place along the pipeline: its block of n/pp ranks
+        stages.append(Stage(index=i, layers=tuple(names), devices=tuple(range(r * n_s, (r + 1) * n_s)),
                             strategies=strategies, estimated_memory_bytes=ev.stage_memory[i],
                             estimated_compute_s=ev.stage_compute_s[i]))
     return Plan(pp=pp, microbatches=c, schedule=schedule, stages=tuple(stages),
                 estimated_iteration_s=ev.iteration_s, solver=solver, batch_size=lg.batch_size,
-                world_size=cluster.world_size, assumptions=assumptions, model=model_signature(lg))
+                world_size=cluster.world_size, chunks=placement.chunks, assumptions=assumptions,
+                model=model_signature(lg))
 
 
 def model_signature(lg: LayerGraph) -> dict:
@@ -219,17 +223,20 @@ def check_given_plan(plan: Plan, analysis: Analysis, cluster: Cluster) -> Plan:
     if plan.model.get("params") not in (None, params):
         raise PlanFileError(f"plan was made for a model with {plan.model['params']:,} parameters; this model has "
                             f"{params:,}: re-plan it (layer names alone match)")
-    if plan.schedule not in RUNNABLE_SCHEDULES:
+    if plan.schedule not in RUNNABLE_SCHEDULES + PINNED_ONLY_SCHEDULES:
         raise PlanFileError(f"plan schedule {plan.schedule!r} is not supported by this version yet; use one of "
-                            f"{', '.join(RUNNABLE_SCHEDULES)}")
+                            f"{', '.join(RUNNABLE_SCHEDULES + PINNED_ONLY_SCHEDULES)}")
+    if plan.chunks != chunks_of(plan.schedule):
+        raise PlanFileError(f"plan has chunks={plan.chunks} but schedule {plan.schedule!r} runs "
+                            f"{chunks_of(plan.schedule)} per rank; set chunks to {chunks_of(plan.schedule)}")
     if plan.world_size not in (0, cluster.world_size):
         raise PlanFileError(f"plan is for {plan.world_size} devices but the cluster has {cluster.world_size}")
     if plan.batch_size not in (0, lg.batch_size):
         raise PlanFileError(f"plan is for a global batch of {plan.batch_size} but the example batch has {lg.batch_size}")
     plan.check_shape()
-    if sum(len(s.devices) for s in plan.stages) != cluster.world_size:
-        raise PlanFileError(f"plan stages cover {sum(len(s.devices) for s in plan.stages)} devices, the cluster has "
-                            f"{cluster.world_size}")
+    covered = len({d for s in plan.stages for d in s.devices})  # a rank holding several chunks counts once
+    if covered != cluster.world_size:
+        raise PlanFileError(f"plan stages cover {covered} devices, the cluster has {cluster.world_size}")
     if not enough_microbatches(plan.schedule, plan.pp, plan.microbatches):
         raise PlanFileError(f"{plan.schedule} needs at least one microbatch per stage: the plan has {plan.microbatches} "
                             f"microbatches for pp={plan.pp}; use more microbatches or gpipe")

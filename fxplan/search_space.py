@@ -11,7 +11,7 @@ import math
 from dataclasses import replace
 
 from fxplan.cluster import Cluster
-from fxplan.constraints import RUNNABLE_SCHEDULES, Constraints
+from fxplan.constraints import PINNED_ONLY_SCHEDULES, RUNNABLE_SCHEDULES, Constraints, chunks_of
 from fxplan.errors import ConstraintError
 from fxplan.passes.ir import LayerGraph
 from fxplan.passes.solve.problem import Candidate
@@ -33,7 +33,10 @@ each claim on the candidates' arrays before it prunes by it (search._dominates).
 
 def enough_microbatches(schedule: str, pp: int, microbatches: int) -> bool:
     """1F1B and the zero-bubble schedules want a microbatch per stage in flight; with fewer they
-    degenerate into GPipe (with or without a split backward) anyway."""
+    degenerate into GPipe (with or without a split backward) anyway. Interleaved 1F1B runs its
+    microbatches in rounds of pp (its lists need microbatches divisible by pp)."""
+    if schedule == "interleaved-1f1b" and microbatches % pp:
+        return False
     return not (schedule != "gpipe" and microbatches < pp)
 
 
@@ -46,12 +49,19 @@ def _fits_no_stage(name: str, value: int, stage_sizes) -> str | None:
 
 def pipeline_degrees(cluster: Cluster, num_layers: int, constraints: Constraints) -> list[int]:
     n = cluster.world_size
+    chunks = chunks_of(constraints.schedule)  # stages per rank
     if constraints.pp is not None:
         if n % constraints.pp:
             raise ConstraintError(f"pp={constraints.pp} does not divide the {n} devices; pick a divisor of {n}")
-        if constraints.pp > num_layers:
-            raise ConstraintError(f"pp={constraints.pp} exceeds the model's {num_layers} layers; pin a smaller pp")
-    return [pp for pp in divisors(n) if pp <= num_layers and constraints.allows(pp=pp)]
+        if constraints.pp * chunks > num_layers:
+            more = f" ({chunks} stages per rank under {constraints.schedule})" if chunks > 1 else ""
+            raise ConstraintError(f"pp={constraints.pp}{more} needs {constraints.pp * chunks} stages but the model has "
+                                  f"{num_layers} layers; pin a smaller pp")
+        if chunks > 1 and constraints.pp < 2:
+            raise ConstraintError(f"schedule {constraints.schedule!r} spreads {chunks} stages per rank over a pipeline "
+                                  f"of ranks; pp=1 has none: pin pp >= 2, or another schedule")
+    return [pp for pp in divisors(n) if pp * chunks <= num_layers and (chunks == 1 or pp > 1)
+            and constraints.allows(pp=pp)]
 
 
 def tensor_degrees(cluster: Cluster, pps: list[int], constraints: Constraints) -> tuple[int, ...]:
@@ -88,9 +98,9 @@ def candidates(cluster: Cluster, batch: int, num_layers: int, constraints: Const
     lower bounds and dominance prune them."""
     if batch_coupled:  # one microbatch only (see check_batch_coupling)
         constraints = replace(constraints, microbatches=1)
-    if constraints.schedule not in (None,) + RUNNABLE_SCHEDULES:
+    if constraints.schedule not in (None,) + RUNNABLE_SCHEDULES + PINNED_ONLY_SCHEDULES:
         raise ConstraintError(f"schedule {constraints.schedule!r} is not supported by this version yet; "
-                              f"pin one of {', '.join(RUNNABLE_SCHEDULES)}")
+                              f"pin one of {', '.join(RUNNABLE_SCHEDULES + PINNED_ONLY_SCHEDULES)}")
     searched = [constraints.schedule] if constraints.schedule else list(RUNNABLE_SCHEDULES)
     counts = [constraints.microbatches] if constraints.microbatches is not None else divisors(batch)
     out = []

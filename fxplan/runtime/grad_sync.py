@@ -18,7 +18,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping
 
 import torch
@@ -41,6 +41,9 @@ class Slot:
     attr: str
     runs: tuple[tuple[int, int], ...]
     scale: float = 1.0
+    # other attributes of this rank holding the same piece (a weight shared by two stages of one
+    # rank): summed into the same part of the buffer, and given the sum back
+    also: tuple["Slot", ...] = ()
 
     @property
     def numel(self) -> int:
@@ -58,9 +61,10 @@ class GradSync:
     """The gradient sums of one rank's stage module; built on every rank together (collective)."""
 
     def __init__(self, comm: Communicator, gm: nn.Module, params: Mapping[str, ParamShard], model: nn.Module,
-                 stage_index: int):
+                 stage_of: Mapping[str, int]):
+        """stage_of: attribute -> the stage holding it (a rank holds one stage, or one per model chunk)."""
         self.comm, self.gm, self.params = comm, gm, params
-        tied = self._tied_buckets(model, stage_index)
+        tied = self._tied_buckets(model, stage_of)
         tied_attrs = {slot.attr for b in tied for slot in b.slots}
         self.buckets: tuple[Bucket, ...] = self._dp_buckets(tied_attrs) + tied
         self._bucket_of = {slot.attr: i for i, b in enumerate(self.buckets) if b.on_hooks for slot in b.slots}
@@ -97,29 +101,29 @@ class GradSync:
                 out.append(Bucket(key, tuple(chunk), True))
         return tuple(out)
 
-    def _tied_buckets(self, model: nn.Module, stage_index: int) -> tuple[Bucket, ...]:
+    def _tied_buckets(self, model: nn.Module, stage_of: Mapping[str, int]) -> tuple[Bucket, ...]:
         """Buckets summing this rank's parameters that other STAGES hold too, piece by shared piece.
 
         Every rank learns every rank's shards here (one all_gather_object at setup), so all ranks
         derive the same pieces and create the holder groups in the same order (new_group is
-        collective over the world).
+        collective over the world). Two stages of one rank holding a piece add their parts into one
+        place of the buffer; a piece only one rank holds is summed there, with no collective.
         """
         own = owners(model)
-        mine = [(state_key(own, s.name), s) for s in self.params.values() if s.requires_grad]
+        mine = [(state_key(own, s.name), stage_of[a], s) for a, s in self.params.items() if s.requires_grad]
         everyone: list = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, (stage_index, mine))
+        dist.all_gather_object(everyone, mine)
         holders: dict[str, list[tuple[int, int, ParamShard]]] = {}  # name -> [(rank, stage, shard)]
-        for r, (stage, items) in enumerate(everyone):
-            for name, shard in items:
+        for r, items in enumerate(everyone):
+            for name, stage, shard in items:
                 holders.setdefault(name, []).append((r, stage, shard))
         pieces = []  # (name, full offset, length, [(rank, stage, shard, stored offset)])
         for name in sorted(holders):
             if len({stage for _, stage, _ in holders[name]}) > 1:
                 pieces.extend(shared_pieces(name, holders[name]))
-        keys = sorted({group_key(sorted(r for r, *_ in who), "tied") for *_, who in pieces},
-                      key=lambda k: (len(ranks_of(k)), k))
-        self.comm.groups.create(keys)
-        attr_of = {state_key(own, s.name): a for a, s in self.params.items()}
+        keys = sorted({tied_key(who) for *_, who in pieces}, key=lambda k: (len(ranks_of(k)), k))
+        self.comm.groups.create([k for k in keys if len(ranks_of(k)) > 1])
+        attr_of = {(state_key(own, s.name), stage_of[a]): a for a, s in self.params.items()}
         slots = tied_slots(pieces, dist.get_rank(), attr_of)
         return tuple(Bucket(key, tuple(members), False) for key, members in sorted(slots.items()))
 
@@ -158,9 +162,20 @@ class GradSync:
             if p.grad is None:  # unused here, but the group's other members may have one: send zeros
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad)
-        buf = pack(bucket.slots, grads)
+        for slot in bucket.slots:
+            for other in slot.also:
+                q = fetch_attr(self.gm, other.attr)
+                if q.grad is None:
+                    q.grad = torch.zeros_like(q)
+        buf = pack(bucket.slots, grads, self._grad_of)
+        if len(ranks_of(bucket.key)) == 1:  # every holder on this rank: the local sum is the sum
+            step.works[i] = (_Done(), buf)
+            return
         self.comm.record("all_reduce", bucket.key, "grad", buf)
         step.works[i] = (dist.all_reduce(buf, group=self.comm.group(bucket.key), async_op=True), buf)
+
+    def _grad_of(self, attr: str) -> torch.Tensor:
+        return fetch_attr(self.gm, attr).grad
 
     def finish_step(self) -> None:
         """After the step's last backward: launch what is left (in order), wait, write the sums back."""
@@ -178,29 +193,47 @@ class GradSync:
         for i, bucket in enumerate(self.buckets):
             work, buf = step.works[i]
             work.wait()
-            self.comm.waited("all_reduce", bucket.key, "grad", buf)
-            unpack(bucket.slots, [fetch_attr(self.gm, slot.attr).grad for slot in bucket.slots], buf)
+            if not isinstance(work, _Done):
+                self.comm.waited("all_reduce", bucket.key, "grad", buf)
+            unpack(bucket.slots, [fetch_attr(self.gm, slot.attr).grad for slot in bucket.slots], buf, self._grad_of)
 
 
-def pack(slots: tuple[Slot, ...], grads: list[torch.Tensor]) -> torch.Tensor:
-    """One flat buffer of the slots' runs of their gradients (scaled): what a bucket all-reduces."""
+def pack(slots: tuple[Slot, ...], grads: list[torch.Tensor], grad_of=None) -> torch.Tensor:
+    """One flat buffer of the slots' runs of their gradients (scaled): what a bucket all-reduces.
+    A slot's `also` holders (grad_of(attr) gives theirs) are added into its part."""
     parts = []
     for slot, grad in zip(slots, grads):
-        flat = grad.detach().reshape(-1)
-        for start, n in slot.runs:
-            part = flat[start:start + n]
-            parts.append(part * slot.scale if slot.scale != 1 else part)
+        part = _runs(slot, grad)
+        for other in slot.also:
+            part = part + _runs(other, grad_of(other.attr))
+        parts.append(part)
     return torch.cat(parts) if len(parts) > 1 else parts[0].clone()
 
 
-def unpack(slots: tuple[Slot, ...], grads: list[torch.Tensor], buf: torch.Tensor) -> None:
-    """Write a summed buffer back into the slots' runs of their gradients."""
+def _runs(slot: Slot, grad: torch.Tensor) -> torch.Tensor:
+    flat = grad.detach().reshape(-1)
+    parts = [flat[start:start + n] for start, n in slot.runs]
+    part = torch.cat(parts) if len(parts) > 1 else parts[0]
+    return part * slot.scale if slot.scale != 1 else part
+
+
+def unpack(slots: tuple[Slot, ...], grads: list[torch.Tensor], buf: torch.Tensor, grad_of=None) -> None:
+    """Write a summed buffer back into the slots' runs of their gradients (and their `also` holders')."""
     offset = 0
     for slot, grad in zip(slots, grads):
-        flat = grad.view(-1)
-        for start, n in slot.runs:
-            flat[start:start + n].copy_(buf[offset:offset + n])
-            offset += n
+        for target, runs in [(grad, slot.runs)] + [(grad_of(o.attr), o.runs) for o in slot.also]:
+            flat, at = target.view(-1), offset
+            for start, n in runs:
+                flat[start:start + n].copy_(buf[at:at + n])
+                at += n
+        offset += slot.numel
+
+
+class _Done:
+    """The completed 'work' of a sum that needed no collective."""
+
+    def wait(self) -> None:
+        return None
 
 
 @dataclass
@@ -215,9 +248,14 @@ class _StepState:
 
 
 def _reverse_first_use(gm: nn.Module) -> dict[str, int]:
-    """attr -> rank in the order backward finishes gradients: the last used in forward first."""
+    """attr -> rank in the order backward finishes gradients: the last used in forward first (over
+    the rank's stages in pipeline order, when the module holds several: runtime/chunks.py)."""
     graph = getattr(gm, "graph", None)
-    targets = [n.target for n in graph.nodes if n.op == "get_attr"] if graph is not None else []
+    if graph is not None:
+        targets = [n.target for n in graph.nodes if n.op == "get_attr"]
+    else:
+        targets = [f"{name}.{n.target}" for name, child in gm.named_children() if hasattr(child, "graph")
+                   for n in child.graph.nodes if n.op == "get_attr"]
     first = list(dict.fromkeys(targets))
     return {t: i for i, t in enumerate(reversed(first))}
 
@@ -225,20 +263,20 @@ def _reverse_first_use(gm: nn.Module) -> dict[str, int]:
 def shared_pieces(name: str, holders: list[tuple[int, int, ParamShard]]):
     """The full tensor cut at every holder's run boundary: [(name, full offset, length, [(rank, stage,
     shard, stored offset)])] for each maximal part the same holders store (dropping adjacent equal cuts)."""
-    runs = {r: stored_runs(s) for r, _, s in holders}
+    runs = {(r, stage): stored_runs(s) for r, stage, s in holders}
     cuts = sorted({x for rs in runs.values() for f, _, n in rs for x in (f, f + n)})
     out = []
     for a, b in zip(cuts, cuts[1:]):
         who = []
         for r, stage, s in holders:
-            for f, start, n in runs[r]:
+            for f, start, n in runs[(r, stage)]:
                 if f <= a and b <= f + n:
                     who.append((r, stage, s, start + a - f))
                     break
         if len({stage for _, stage, _, _ in who}) < 2:
             continue
         prev = out[-1] if out else None
-        if prev and prev[1] + prev[2] == a and [h[0] for h in prev[3]] == [h[0] for h in who] and \
+        if prev and prev[1] + prev[2] == a and [h[:2] for h in prev[3]] == [h[:2] for h in who] and \
                 all(p[3] + prev[2] == w[3] for p, w in zip(prev[3], who)):
             out[-1] = (name, prev[1], prev[2] + b - a, prev[3])
         else:
@@ -246,20 +284,27 @@ def shared_pieces(name: str, holders: list[tuple[int, int, ParamShard]]):
     return out
 
 
-def tied_slots(pieces, rank: int, attr_of: Mapping[str, str]) -> dict[str, list[Slot]]:
-    """Group key -> this rank's slots, for the shared pieces it stores (pieces as `shared_pieces`)."""
+def tied_key(who) -> str:
+    """The group summing a piece: the distinct ranks among its holders."""
+    return group_key(sorted({r for r, *_ in who}), "tied")
+
+
+def tied_slots(pieces, rank: int, attr_of: Mapping[tuple[str, int], str]) -> dict[str, list[Slot]]:
+    """Group key -> this rank's slots, for the shared pieces it stores (pieces as `shared_pieces`;
+    attr_of: (name, stage) -> this rank's attribute)."""
     slots: dict[str, list[Slot]] = {}
     for name, _, n, who in pieces:
         mine = [h for h in who if h[0] == rank]
         if not mine:
             continue
-        _, stage, shard, offset = mine[0]
-        same = sum(1 for _, s, _, _ in who if s == stage)  # this stage's ranks holding this piece
-        # Non-FSDP gradients are still dp-partial (1/dp of the stage's); an FSDP block's is the
-        # stage's whole contribution. Scaled so the sum counts each stage exactly once.
-        scale = (1 if shard.fsdp else shard.dp) / same
-        slots.setdefault(group_key(sorted(r for r, *_ in who), "tied"), []).append(
-            Slot(attr_of[name], ((offset, n),), scale))
+        held = []
+        for _, stage, shard, offset in mine:
+            same = sum(1 for _, s, _, _ in who if s == stage)  # this stage's ranks holding this piece
+            # Non-FSDP gradients are still dp-partial (1/dp of the stage's); an FSDP block's is the
+            # stage's whole contribution. Scaled so the sum counts each stage exactly once.
+            scale = (1 if shard.fsdp else shard.dp) / same
+            held.append(Slot(attr_of[(name, stage)], ((offset, n),), scale))
+        slots.setdefault(tied_key(who), []).append(replace(held[0], also=tuple(held[1:])))
     return {key: _merged(members) for key, members in slots.items()}
 
 
@@ -268,7 +313,7 @@ def _merged(slots: list[Slot]) -> list[Slot]:
     so every member of a group lays its buffer out alike whatever its own attribute names."""
     out: list[Slot] = []
     for s in slots:
-        if out and out[-1].attr == s.attr and out[-1].scale == s.scale:
+        if out and out[-1].attr == s.attr and out[-1].scale == s.scale and not s.also and not out[-1].also:
             out[-1] = Slot(s.attr, out[-1].runs + s.runs, s.scale)
         else:
             out.append(s)

@@ -1,7 +1,8 @@
 """The ONE adapter over torch.distributed.pipelining (PipelineStage + its action-list runtime).
 
-The runtime hands us this rank's stage GraphModule, its lane group (the pp process group
-{q, q + n_s, ...} of the ranks at local position q of every stage) and the schedule name. Every
+The runtime hands us this rank's stage GraphModules (one, or one per model chunk under
+interleaved-1f1b / zbv), its lane group (the pp process group {q, q + n_s, ...} of the ranks at
+local position q of every place along the pipeline) and the schedule name. Every
 schedule runs as the per-rank action lists fxplan.schedules builds (the very lists its simulator
 times) on torch's `_PipelineScheduleRuntime` (reached through fxplan/_torch.py), which adds the
 sends and receives: F, fused B, or B split into I (input gradient, sent upstream at once) and W
@@ -9,7 +10,7 @@ sends and receives: F, fused B, or B split into I (input gradient, sent upstream
 
 Shapes are static: before the first step the lane runs one probe forward in pipeline order
 (stage 0 on the real first microbatch, later stages on zeros of the received shapes) and passes
-shapes/dtypes/requires_grad along with send_object_list. A probe with real tensors (not meta)
+shapes/dtypes/requires_grad along with send_object_list (in place between two stages of one rank). A probe with real tensors (not meta)
 works with collectives inside the stage graphs, which meta tensors cannot run through gloo/NCCL.
 """
 
@@ -29,9 +30,6 @@ from fxplan import schedules
 from fxplan.errors import ConstraintError
 from fxplan.runtime.boundary import boundary_checked
 from fxplan._torch import loaded_compute_actions, pipeline_schedule_runtime, replicated_chunk_spec
-
-SINGLE_CHUNK = ("gpipe", "1f1b", "zb-h1", "zb-h2", "zb-auto")
-"""The schedules this adapter runs: one stage per rank (interleaved-1f1b and zbv need several)."""
 
 CHAINED = ("zb-h2", "zb-auto", "zbv")
 """Schedules that need iterations chained: their later stages start the next iteration while the
@@ -63,17 +61,34 @@ def _as_tuple(out) -> tuple:
     return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
-def probe_shapes(gm: Callable, stage: int, num_stages: int, lane: Sequence[int], group,
-                 first_inputs: tuple | None, device) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """(input specs, output specs) of this rank's stage for one microbatch, found in pipeline order."""
-    if stage == 0:
-        inputs = tuple(first_inputs)
-    else:
-        box: list = [None]
-        dist.recv_object_list(box, src=lane[stage - 1], group=group)
-        # An input needs grad exactly when the sender's output has one: a float tensor passed through
-        # untouched (e.g. regression targets) has none, and a gradient sent for it would never be received.
-        inputs = tuple(s.example(device) for s in box[0])
+def probe_shapes(gms: Sequence[tuple[int, Callable]], num_stages: int, stage_ranks: Sequence[int], group,
+                 first_inputs: tuple | None, device) -> dict[int, tuple[list[TensorSpec], list[TensorSpec]]]:
+    """{stage: (input specs, output specs)} of this rank's stages for one microbatch, found in
+    pipeline order: stage s receives its input specs from the rank of stage s - 1 (global rank
+    `stage_ranks[s - 1]`; handed over in place when that is this rank, as at a V's turn)."""
+    out: dict[int, tuple[list[TensorSpec], list[TensorSpec]]] = {}
+    mine = dict(gms)
+    for stage in sorted(mine):
+        if stage == 0:
+            inputs = tuple(first_inputs)
+        else:
+            if stage - 1 in out:
+                specs = out[stage - 1][1]
+            else:
+                box: list = [None]
+                dist.recv_object_list(box, src=stage_ranks[stage - 1], group=group)
+                specs = box[0]
+            # An input needs grad exactly when the sender's output has one: a float tensor passed through
+            # untouched (e.g. regression targets) has none, and a gradient sent for it would never be received.
+            inputs = tuple(s.example(device) for s in specs)
+        outputs = _probe_forward(mine[stage], inputs)
+        out[stage] = ([TensorSpec.of(t) for t in inputs], [TensorSpec.of(t) for t in outputs])
+        if stage < num_stages - 1 and stage + 1 not in mine:
+            dist.send_object_list([out[stage][1]], dst=stage_ranks[stage + 1], group=group)
+    return out
+
+
+def _probe_forward(gm: Callable, inputs: tuple) -> tuple:
     # The probe is a real forward: undo its side effects (buffer updates such as BatchNorm's running
     # statistics, random numbers drawn by dropout) so the first real step matches one device.
     saved_buffers = [(b, b.detach().clone()) for b in gm.buffers()] if isinstance(gm, torch.nn.Module) else []
@@ -87,38 +102,34 @@ def probe_shapes(gm: Callable, stage: int, num_stages: int, lane: Sequence[int],
     torch.set_rng_state(rng)
     if cuda_rng is not None:
         torch.cuda.set_rng_state_all(cuda_rng)
-    in_specs = [TensorSpec.of(t) for t in inputs]
-    out_specs = [TensorSpec.of(t) for t in outputs]
-    if stage < num_stages - 1:
-        dist.send_object_list([out_specs], dst=lane[stage + 1], group=group)
-    return in_specs, out_specs
+    return outputs
 
 
 class PipelineRun:
-    """One rank's stage under a schedule's action lists; `step` runs one iteration."""
+    """One rank's stages (one, or one per model chunk) under a schedule's action lists; `step` runs
+    one iteration."""
 
-    def __init__(self, gm: torch.nn.Module, stage: int, num_stages: int, lane: Sequence[int], group,
-                 schedule: str, microbatches: int, in_specs, out_specs, device, replicate_args=(),
+    def __init__(self, stages: Sequence[tuple[int, torch.nn.Module, list, list]], num_stages: int, place: int,
+                 group, schedule: str, microbatches: int, device, replicate_args=(),
                  plan_schedule: "schedules.Schedule | None" = None):
-        if schedule not in SINGLE_CHUNK:
-            raise ConstraintError(f"the runtime cannot run schedule {schedule!r} yet; it runs "
-                                  f"{', '.join(SINGLE_CHUNK)}: re-plan with Constraints(schedule=...) pinned to one")
-        self.stage_index = stage
-        self.is_last = stage == num_stages - 1
+        """stages: (stage index, module, input specs, output specs) per stage this rank holds; place:
+        this rank's position along the pipeline (its rank in `group`, its list in the schedule)."""
+        self.indices = tuple(index for index, *_ in stages)
+        self.place = place
+        self.holds_first, self.holds_last = 0 in self.indices, num_stages - 1 in self.indices
         self.microbatches = microbatches
-        # every rank builds the same lists (zb-auto from the plan's own pass times when given)
-        self.plan_schedule = plan_schedule or schedules.build(schedule, num_stages, microbatches)
-        if self.plan_schedule.ranks != num_stages or self.plan_schedule.microbatches != microbatches:
-            raise ConstraintError(f"schedule lists for {self.plan_schedule.ranks} stages x "
+        # every rank builds the same lists (zb-auto / zbv from the plan's own pass times when given)
+        self.plan_schedule = plan_schedule or schedules.build(schedule, group.size(), microbatches)
+        if self.plan_schedule.placement.num_stages != num_stages or self.plan_schedule.microbatches != microbatches:
+            raise ConstraintError(f"schedule lists for {self.plan_schedule.placement.num_stages} stages x "
                                   f"{self.plan_schedule.microbatches} microbatches given to a {num_stages}-stage, "
                                   f"{microbatches}-microbatch pipeline")
         meta = torch.device("meta")
-        self.stage = PipelineStage(
-            boundary_checked(gm, out_specs, stage, self.is_last), stage, num_stages, torch.device(device),
-            input_args=tuple(s.example(meta) for s in in_specs),
-            output_args=tuple(s.example(meta) for s in out_specs),
-            group=group,
-        )
+        self.stages = [
+            PipelineStage(boundary_checked(gm, out_specs, index, index == num_stages - 1), index, num_stages,
+                          torch.device(device), input_args=tuple(s.example(meta) for s in in_specs),
+                          output_args=tuple(s.example(meta) for s in out_specs), group=group)
+            for index, gm, in_specs, out_specs in stages]
         # The last stage's graph returns its loss contribution already; the schedule's "loss_fn"
         # only divides by the microbatch count so gradients accumulate as on one device. We do not
         # use the schedule's scale_grads: it would also divide gradients the user accumulated in
@@ -128,11 +139,12 @@ class PipelineRun:
         def loss_fn(output, target=None):
             return _as_tuple(output)[0] / m
 
+        first = next((in_specs for index, _, in_specs, _ in stages if index == 0), None)
         spec = tuple(replicated_chunk_spec() if i in replicate_args else TensorChunkSpec(0)
-                     for i in range(len(in_specs))) if stage == 0 else None
+                     for i in range(len(first))) if first is not None else None
         self.schedule = pipeline_schedule_runtime(
-            [self.stage], {r: [(a.stage, a.kind, a.microbatch) for a in ops]
-                           for r, ops in enumerate(self.plan_schedule.actions)},
+            self.stages, {r: [(a.stage, a.kind, a.microbatch) for a in ops]
+                          for r, ops in enumerate(self.plan_schedule.actions)},
             n_microbatches=microbatches, loss_fn=loss_fn, args_chunk_spec=spec, scale_grads=False)
         self.busy: dict[str, float] = {}  # seconds per pass kind ("F", "I", "W", "B") of the last step
         self.counts: dict[str, int] = {}
@@ -140,14 +152,14 @@ class PipelineRun:
         # monotonic clock for every process on a host, so ranks' timelines line up)
         self.events: list[tuple[str, int, float, float]] = []
         self.window = (0.0, 0.0)
-        self._time_passes()
+        for stage in self.stages:
+            self._time_passes(stage)
         self._step_kwargs = {"return_outputs": False} \
             if "return_outputs" in inspect.signature(self.schedule.step).parameters else {}
 
-    def _time_passes(self) -> None:
+    def _time_passes(self, stage) -> None:
         """Wrap the stage's three compute entry points with wall-clock timers: each rank's busy time
         per pass kind and its timeline, for benchmarks (the bubble is the rest of the step)."""
-        stage = self.stage
 
         def timed(fn, kind_of):
             def run(*args, **kwargs):
@@ -169,15 +181,15 @@ class PipelineRun:
 
     def loaded_actions(self) -> list[tuple[int, str, int]]:
         """The compute actions torch will run on this rank, read back from torch's lowered lists."""
-        return loaded_compute_actions(self.schedule, self.stage_index)
+        return loaded_compute_actions(self.schedule, self.place)
 
     def step(self, batch: tuple) -> list[torch.Tensor] | None:
-        """Run all microbatches; on the last stage return each microbatch's (loss / microbatches)."""
-        args = tuple(batch) if self.stage_index == 0 else ()
-        losses: list | None = [] if self.is_last else None
+        """Run all microbatches; on the last stage's rank return each microbatch's (loss / microbatches)."""
+        args = tuple(batch) if self.holds_first else ()
+        losses: list | None = [] if self.holds_last else None
         kwargs = dict(self._step_kwargs)
-        if self.is_last:  # the runtime indexes one target per microbatch; our loss needs none
-            kwargs["target"] = torch.zeros(self.microbatches, device=self.stage.device)
+        if self.holds_last:  # the runtime indexes one target per microbatch; our loss needs none
+            kwargs["target"] = torch.zeros(self.microbatches, device=self.stages[0].device)
         self.busy, self.counts, self.events = {}, {}, []
         start = time.perf_counter()
         self.schedule.step(*args, losses=losses, **kwargs)

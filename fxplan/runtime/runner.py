@@ -14,6 +14,7 @@ barrier at the end of an iteration, so a stage can start the next one as soon as
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 from typing import Callable, Iterator
 
@@ -25,11 +26,12 @@ from fxplan._torch import forget_tensor
 from fxplan.codegen.emit import emit_rank
 from fxplan.codegen.groups import group_key, required_group_keys
 from fxplan.codegen.params import fetch_attr
-from fxplan.codegen.program import EmitSource
+from fxplan.codegen.program import EmitSource, RankProgram
 from fxplan.errors import DistributedSetupError
 from fxplan.plan import Plan
 from fxplan import schedules
-from fxplan.runtime import full_state, materialize, pipeline
+from fxplan.plan import stage_placement
+from fxplan.runtime import chunks, full_state, materialize, pipeline
 from fxplan.runtime.batches import check_batch, is_batched, microbatches
 from fxplan.runtime.collectives import GRAPH_OPS, fxplan_all_gather_rs
 from fxplan.runtime.comm import CollectiveCounter, Communicator
@@ -88,24 +90,32 @@ class Runner:
         self._traced_gm = source.traced.gm  # its meta holds the split ratio loss's denominator
         # Every rank creates every group, in one order: new_group is collective over the world.
         self.comm.groups.create(required_group_keys(plan))
-        self.stage_index = next(s.index for s in plan.stages if self.rank in s.devices)
+        # this rank's stages: one, or one per model chunk (interleaved-1f1b, zbv), in pipeline order
+        self.stage_indices = plan.stages_of_rank(self.rank)
+        self.stage_index = self.stage_indices[0]
         stage = plan.stages[self.stage_index]
         self.position = stage.devices.index(self.rank)
-        self.lane = tuple(s.devices[self.position] for s in plan.stages)
-        if list(self.lane) != sorted(self.lane):
+        # the ranks at this local position of every place along the pipeline (the stages' devices
+        # repeat for the places holding several chunks)
+        self.lane = tuple(sorted({s.devices[self.position] for s in plan.stages}))
+        self.place = self.lane.index(self.rank)
+        if any(s.devices[self.position] != self.lane[placement_of(plan).rank_of(s.index)] for s in plan.stages):
             raise DistributedSetupError(
-                f"pipeline lane {self.lane} is not in increasing rank order; give later stages higher ranks")
+                f"pipeline lane {self.lane} is not in increasing rank order along the pipeline; give later "
+                f"places higher ranks")
         self._loss_group = self.comm.loss_group()
         # meta shards: we materialise them (a meta model has no values to cut)
-        self.program = emit_rank(source.traced, source.layer_graph, source.space, plan, self.rank, params="meta",
-                                 ops=GRAPH_OPS)
-        self.gm = self.program.gm
+        self.programs = [emit_rank(source.traced, source.layer_graph, source.space, plan, self.rank, params="meta",
+                                   ops=GRAPH_OPS, stage=index) for index in self.stage_indices]
+        self.program = self.programs[0] if len(self.programs) == 1 else _merged_program(self.programs)
+        self.gm = chunks.rank_module(self.programs)
         self._install_params(init_fn)
-        self.grad_sync = GradSync(self.comm, self.gm, self.program.params, model, self.stage_index)
-        # ZeRO-3 handles, kept units and prefetches of this stage's FSDP layers
-        self.fsdp = FsdpState(self.comm, self.gm) if any(s.fsdp for s in self.program.params.values()) else None
-        # sequence-parallel gathers saved for backward as their shards (after FSDP's: it nests inside)
-        self.sequence = SequenceSaved(self.comm, self.gm) if _calls(self.gm, fxplan_all_gather_rs) else None
+        self.grad_sync = GradSync(self.comm, self.gm, self.program.params, model, chunks.stage_of(self.programs))
+        # per stage: ZeRO-3 handles, kept units and prefetches of its FSDP layers; sequence-parallel
+        # gathers saved for backward as their shards (after FSDP's: it nests inside)
+        self.fsdp = [FsdpState(self.comm, p.gm) for p in self.programs
+                     if any(s.fsdp for s in p.params.values())]
+        self.sequence = [SequenceSaved(self.comm, p.gm) for p in self.programs if _calls(p.gm, fxplan_all_gather_rs)]
         self._pipe: pipeline.PipelineRun | None = None
         self._pipe_key: tuple | None = None
         self.step_times = StepTimes()  # measured, for report()
@@ -165,8 +175,8 @@ class Runner:
         self.grad_sync.begin_step(m)  # dp sums start in backward as buckets complete
         with loss_denominator(self._traced_gm, self.plan, batch):
             local = self._run_loop(batch, m) if self.plan.pp == 1 else self._run_pipeline(batch, m)
-        if self.fsdp is not None:
-            self.fsdp.end_step()
+        for state in self.fsdp:
+            state.end_step()
         self.grad_sync.finish_step()
         for p, old in zip(params, stash):
             if old is not None:
@@ -186,12 +196,14 @@ class Runner:
         key = tuple((tuple(b.shape), b.dtype) for b in batch if isinstance(b, torch.Tensor))
         if self._pipe is None or self._pipe_key != key:
             group = self.comm.group(group_key(self.lane))
-            first = microbatches(self.layer_graph, batch, m)[0] if self.stage_index == 0 else None
-            in_specs, out_specs = pipeline.probe_shapes(self.gm, self.stage_index, self.plan.pp, self.lane,
-                                                        group, first, self.device)
+            first = microbatches(self.layer_graph, batch, m)[0] if 0 in self.stage_indices else None
+            num_stages = len(self.plan.stages)
+            stage_ranks = [s.devices[self.position] for s in self.plan.stages]
+            specs = pipeline.probe_shapes([(p.stage, p.gm) for p in self.programs], num_stages, stage_ranks,
+                                          group, first, self.device)
             replicate = {i for i in range(len(batch)) if not is_batched(self.layer_graph, i)}
-            self._pipe = pipeline.PipelineRun(self.gm, self.stage_index, self.plan.pp, self.lane, group,
-                                              self.plan.schedule, m, in_specs, out_specs, self.device, replicate,
+            self._pipe = pipeline.PipelineRun([(p.stage, p.gm, *specs[p.stage]) for p in self.programs], num_stages,
+                                              self.place, group, self.plan.schedule, m, self.device, replicate,
                                               plan_schedule=schedules.for_plan(self.plan))
             self._pipe_key = key
         losses = self._pipe.step(batch)
@@ -205,7 +217,7 @@ class Runner:
         # one full copy of the dp sum, so the world sum counts it tp times.
         last = self.plan.stages[-1]
         copies = last.strategies[last.layers[-1]].tp
-        value = (local / copies if self.stage_index == self.plan.pp - 1 else torch.zeros_like(local)).reshape(1)
+        value = (local / copies if last.index in self.stage_indices else torch.zeros_like(local)).reshape(1)
         work = dist.all_reduce(value, group=self._loss_group, async_op=True)
         return StepLoss(value.view(()), work)
 
@@ -291,3 +303,14 @@ def _set_attr(root: nn.Module, target: str, value) -> None:
         mod.register_parameter(last, value)
     else:
         mod.register_buffer(last, value)
+
+
+def placement_of(plan: Plan):
+    return stage_placement(plan.schedule, plan.pp, plan.chunks)
+
+
+def _merged_program(programs: list[RankProgram]) -> RankProgram:
+    """One RankProgram view of a rank's stages: their parameters under rank_module's paths (what
+    gradient sums, full state and checkpoints read); gm and the rest are the first stage's."""
+    return dataclasses.replace(programs[0], params=chunks.rank_params(programs),
+                               group_keys=tuple(dict.fromkeys(k for p in programs for k in p.group_keys)))

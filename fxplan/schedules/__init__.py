@@ -11,8 +11,9 @@ runs that same value through the event simulator (fxplan/schedules/simulator.py)
 
 from __future__ import annotations
 
-from fxplan.constraints import CHUNKED_SCHEDULES as CHUNKED, SCHEDULES as NAMES
+from fxplan.constraints import CHUNKED_SCHEDULES as CHUNKED, SCHEDULES as NAMES, chunks_of
 from fxplan.errors import ConstraintError
+from fxplan.plan import stage_placement
 from fxplan.schedules import fixed, greedy
 from fxplan.schedules.actions import Action, Placement, Schedule, check_shape
 from fxplan.schedules.simulator import Event, SimResult, held_activations, simulate_schedule
@@ -20,7 +21,7 @@ from fxplan.schedules.timing import PassTimes
 
 
 def default_chunks(name: str) -> int:
-    return {"interleaved-1f1b": 2, "zbv": 2}.get(name, 1)
+    return chunks_of(name)
 
 
 def build(name: str, stages: int, microbatches: int, t_f=1.0, t_b=1.0, t_w=1.0, t_comm=0.0,
@@ -41,7 +42,7 @@ def build(name: str, stages: int, microbatches: int, t_f=1.0, t_b=1.0, t_w=1.0, 
         raise ConstraintError("interleaved-1f1b needs chunks >= 2 (with one chunk it is 1f1b)")
     p, m = stages, microbatches
     times = PassTimes.of(p, t_f, t_b, t_w, t_comm)
-    placement = Placement(p, chunks, "v" if name == "zbv" else "loop")
+    placement = stage_placement(name, p, chunks)
     if name == "gpipe":
         lists = fixed.gpipe(p, m)
     elif name == "1f1b":

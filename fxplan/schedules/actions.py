@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from fxplan.errors import ConstraintError
+from fxplan.plan import Placement  # which rank runs each stage: a plan's fact, shared with the lists
 
 KINDS = ("F", "I", "W", "B")
 
@@ -29,28 +30,6 @@ class Action(NamedTuple):
 
 
 RankActions = tuple[tuple[Action, ...], ...]  # index: rank
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Which rank runs each stage: "loop" puts stage s on rank s % ranks (interleaved schedules),
-    "v" puts stages r and 2*ranks-1-r on rank r (V schedules: the turn-around stays on one rank)."""
-
-    ranks: int
-    chunks: int = 1
-    style: str = "loop"
-
-    @property
-    def num_stages(self) -> int:
-        return self.ranks * self.chunks
-
-    def rank_of(self, stage: int) -> int:
-        if self.style == "v":
-            return stage if stage < self.ranks else 2 * self.ranks - 1 - stage
-        return stage % self.ranks
-
-    def stages_of(self, rank: int) -> tuple[int, ...]:
-        return tuple(s for s in range(self.num_stages) if self.rank_of(s) == rank)
 
 
 @dataclass(frozen=True)

@@ -12,12 +12,12 @@ cost/tensor_pricing.py.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from fxplan.cluster import Cluster
-from fxplan.constraints import Constraints
+from fxplan.constraints import Constraints, chunks_of
 from fxplan.passes.cost.mesh import StageMesh
 from fxplan.passes.cost.compute_time import forward_time
 from fxplan.passes.cost.schedule_costs import schedule_fields
@@ -116,7 +116,10 @@ class CostModel:
         pins = self.constraints
         if not pins.allows(pp=pp, microbatches=microbatches, schedule=schedule):
             return None
-        if pp < 1 or self.world % pp or pp > len(self.graph.layers):
+        chunks = chunks_of(schedule)  # stages per rank
+        if pp < 1 or self.world % pp or pp * chunks > len(self.graph.layers):
+            return None
+        if chunks > 1 and (pp < 2 or microbatches < pp or (schedule == "interleaved-1f1b" and microbatches % pp)):
             return None
         if microbatches < 1 or self.batch_size % microbatches:
             return None
@@ -135,7 +138,7 @@ class CostModel:
             tables = self._tables[(pp, microbatches)] = (arrays, edges, labels)
         arrays, edges, labels = tables
         fwd, bwd, wgt = (tuple(a.fwd for a in arrays), tuple(a.bwd for a in arrays), tuple(a.wgt for a in arrays))
-        return Problem(
+        problem = Problem(
             pp=pp, microbatches=microbatches, schedule=schedule,
             fwd=fwd, bwd=bwd, wgt=wgt,
             sync=tuple(a.sync for a in arrays), mem_fixed=tuple(a.mem_fixed for a in arrays),
@@ -145,6 +148,12 @@ class CostModel:
             labels=labels,
             **schedule_fields(schedule, pp, microbatches, fwd, bwd, wgt, self.cluster, share_floor),
         )
+        if chunks == 1:
+            return problem
+        # pp * chunks stages on the same n/pp devices: a stage gets 1/chunks of a device's memory and
+        # pays its rank's gradient sync (each chunk's, one after another) at most chunks times its own
+        return replace(problem, pp=pp * chunks, microbatches=microbatches * chunks, chunks=chunks,
+                       memory_limit=problem.memory_limit / chunks, sync=tuple(a * chunks for a in problem.sync))
 
     def bound_problem(self, pp: int, microbatches: int, schedule: str) -> Problem | None:
         """problem(..., share_floor=True): what the search's lower bounds read."""

@@ -14,7 +14,8 @@ from __future__ import annotations
 import numpy as np
 
 from fxplan.cluster import Cluster
-from fxplan.passes.solve.schedule_terms import bubble_share, splits_backward
+from fxplan.constraints import chunks_of
+from fxplan.passes.solve.schedule_terms import bubble_share, chunked_fields, splits_backward
 
 PASSES_PER_SPLIT_LAYER = 1  # the extra W pass a split backward adds per layer and microbatch
 
@@ -32,7 +33,11 @@ def schedule_fields(schedule: str, pp: int, microbatches: int, fwd, bwd, wgt, cl
     for tf, tb, tw in zip(fwd, bwd, wgt):
         k = int(np.argmin(np.asarray(tf) + tb + tw))
         f, b, w = f + float(tf[k]), b + float(tb[k]), w + float(tw[k])
-    if share_floor and schedule in GREEDY_SHARE and pp > 1:
+    chunked = {}
+    if chunks_of(schedule) > 1:
+        chunked = dict(chunked_fields(schedule, pp, microbatches, f, b, w))
+        share = chunked.pop("bubble_share")
+    elif share_floor and schedule in GREEDY_SHARE and pp > 1:
         share = 0.0
     else:
         share = bubble_share(schedule, pp, microbatches, f, b, w)
@@ -40,4 +45,4 @@ def schedule_fields(schedule: str, pp: int, microbatches: int, fwd, bwd, wgt, cl
     if splits_backward(schedule) and pp > 1:
         extra = PASSES_PER_SPLIT_LAYER * cluster.intra_latency
         split = tuple(np.full(len(tf), extra) for tf in fwd)
-    return {"bubble_share": share, "split": split}
+    return {"bubble_share": share, "split": split, **chunked}

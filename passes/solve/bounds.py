@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from fxplan.passes.solve.problem import Problem, in_flight, segment_max
+from fxplan.passes.solve.problem import Problem, segment_max
 
 
 CHAIN_BOUND_LAYERS = 64
@@ -95,7 +95,7 @@ def lower_bound(problem: Problem, quick: bool = False, chain: bool = False, enou
     m = _padded(problem)
     if not quick and min_memory(problem, m) > problem.memory_limit * (1 + 1e-9):
         return float("inf")
-    f_min = min(in_flight(problem.schedule, pp, c, i) for i in range(pp))
+    f_min = min(problem.in_flight(i) for i in range(pp))
     beta = problem.bubble_share
     limit = problem.memory_limit * (1 + 1e-9)
     alone = m.fixed + f_min * m.act
@@ -169,7 +169,7 @@ def min_bottleneck(problem: Problem, padded: _Padded | None = None, sync_weight:
     costs: dict[int, np.ndarray] = {}  # stages holding equally many microbatches share their costs
 
     def segment(i: int) -> np.ndarray:
-        f = in_flight(problem.schedule, pp, c, i)
+        f = problem.in_flight(i)
         if f not in costs:
             tm = np.min(np.where(_usable(m, f, limit), m.time, np.inf), axis=1)
             Tc = np.concatenate([[0.0], np.cumsum(np.where(np.isfinite(tm), tm, 0.0))])
@@ -304,7 +304,7 @@ def min_memory(problem: Problem, padded: _Padded | None = None) -> float:
 
     def segment(i: int) -> np.ndarray:
         # per stage, each layer's smallest footprint there (strategies are free per layer)
-        f = in_flight(problem.schedule, pp, c, i)
+        f = problem.in_flight(i)
         if f not in costs:
             costs[f] = _least_sums(m, f)
         return costs[f]

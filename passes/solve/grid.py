@@ -32,7 +32,7 @@ class GridResult:
 
     @property
     def candidate(self) -> Candidate:
-        return (self.problem.pp, self.problem.microbatches, self.problem.schedule)
+        return self.problem.candidate
 
 
 def equal_stages(num_layers: int, pp: int) -> tuple[int, ...]:

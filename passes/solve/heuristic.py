@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from fxplan.passes.solve.presolve import segments
-from fxplan.passes.solve.problem import Problem, evaluate, in_flight, segment_max
+from fxplan.passes.solve.problem import Problem, evaluate, segment_max
 
 
 def _times(problem: Problem) -> list[np.ndarray]:
@@ -59,7 +59,7 @@ def place_stages(problem: Problem, strategy_of, best: float = np.inf):
     # [s, e] the largest working set of layers s..e-1 (a stage holds one layer's at a time)
     seg_mw = segment_max(np.array([problem.mem_work[u][k[u]] for u in range(L)]) if problem.mem_work else np.zeros(L))
     limit = problem.memory_limit * (1 + 1e-9)
-    mem_ok = [valid & (seg_mf + in_flight(problem.schedule, pp, c, i) * seg_ma + seg_mw <= limit)
+    mem_ok = [valid & (seg_mf + problem.in_flight(i) * seg_ma + seg_mw <= limit)
               & (MP[None, :] - MP[:, None] <= limit) for i in range(pp)]
     const = P[-1]
     caps = np.unique(np.concatenate([seg_t[valid], cut[1:L]]))
@@ -143,7 +143,7 @@ class StageChooser:
         """`around`: strategies of the other layers; the resharding of an edge between a layer here
         and one elsewhere is priced at the other end's strategy (None: not priced)."""
         problem = self.problem
-        f = in_flight(problem.schedule, problem.pp, problem.microbatches, stage)
+        f = problem.in_flight(stage)
         inside = set(layers)
         outer = () if around is None else tuple(
             (n, int(around[e.src]) if e.dst in inside else -1 - int(around[e.dst]))

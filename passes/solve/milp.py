@@ -36,7 +36,7 @@ import cvxpy as cp
 import numpy as np
 
 from fxplan.passes.solve.bounds import CHAIN_BOUND_LAYERS, min_bottleneck, min_weighted_bottleneck
-from fxplan.passes.solve.problem import Problem, in_flight
+from fxplan.passes.solve.problem import Problem
 from fxplan.passes.solve.presolve import Segment, endpoint_classes, row_classes, segments
 
 
@@ -81,7 +81,7 @@ def solve_milp(problem: Problem, *, time_limit_s: float, mip_gap: float = 1e-4,
     ts = 1e3 / tsum if tsum > 0 else 1.0
     finite_mem = np.isfinite(problem.memory_limit) and problem.memory_limit > 0
     ms = 1.0 / problem.memory_limit if finite_mem else 0.0
-    flight = np.array([in_flight(problem.schedule, pp, c, i) for i in range(pp)], float)
+    flight = np.array([problem.in_flight(i) for i in range(pp)], float)
 
     A = cp.Variable((G, pp + 1), boolean=True)
     Bv = cp.Variable((G, pp + 1), boolean=True)

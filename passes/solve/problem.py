@@ -66,6 +66,12 @@ class Problem:
     bubble_share: float = 1.0
     # per layer [K_u]: extra seconds per microbatch when the schedule splits backward into I and W; ()
     split: tuple[np.ndarray, ...] = ()
+    # model chunks per rank (interleaved-1f1b, zbv): the arrays then describe pp = ranks * chunks
+    # stages, `microbatches` counts chunk passes per stage and iteration (the iteration's microbatches
+    # times chunks, what the bottleneck term multiplies) and `held` gives each stage's activations
+    # in flight (schedule_terms.chunked_fields)
+    chunks: int = 1
+    held: tuple[int, ...] = ()
 
     @property
     def num_layers(self) -> int:
@@ -81,7 +87,24 @@ class Problem:
 
     def in_flight(self, stage: int) -> int:
         """Microbatches whose activations stage `stage` holds at its peak under the schedule."""
+        if self.held:
+            return self.held[stage]
         return in_flight(self.schedule, self.pp, self.microbatches, stage)
+
+    @property
+    def ranks(self) -> int:
+        """Ranks along the pipeline (pp of the plan): stages / chunks."""
+        return self.pp // self.chunks
+
+    @property
+    def candidate(self) -> Candidate:
+        """The (pp, microbatches, schedule) of the plan this problem prices."""
+        return (self.ranks, self.iteration_microbatches, self.schedule)
+
+    @property
+    def iteration_microbatches(self) -> int:
+        """The plan's microbatches per iteration."""
+        return self.microbatches // self.chunks
 
     def placed_fixed(self, u: int) -> np.ndarray:
         """[K_u] layer u's fixed bytes as the planners place them (`placed_memory`): its gradients held

@@ -1,4 +1,5 @@
-"""The zero-bubble schedules (split backward, deferred weight gradients) train like one device.
+"""The zero-bubble schedules (split backward, deferred weight gradients) and the chunked ones
+(interleaved-1f1b, zbv: two stages per rank) train like one device.
 
 One torchrun launch (4 gloo ranks) per model runs a slice of the plans of bench/schedule_matrix.py
 (which runs them all): losses and every parameter equal one device after 3 SGD steps, the work is
@@ -23,9 +24,11 @@ WORKER = os.path.join(HERE, "workers", "schedule_matrix_worker.py")
 ENV = {"FXPLAN_TIMEOUT_S": "60", "OMP_NUM_THREADS": "1"}
 
 SLICE = {
-    "gpt": ["pp4-zb-h2", "pp2xtp2-zb-h1", "pp2xdp2-fsdp-zb-auto"],
-    "custom-tied": ["pp4-zb-auto", "pp2xdp2-zb-h1", "pp2xdp2-fsdp-keep-zb-h2"],
+    "gpt": ["pp4-zb-h2", "pp2xtp2-zb-h1", "pp2xdp2-fsdp-zb-auto", "pp2xtp2-interleaved-1f1b", "pp4-zbv"],
+    "custom-tied": ["pp4-zb-auto", "pp2xdp2-zb-h1", "pp2xdp2-fsdp-keep-zb-h2", "pp2xdp2-zbv",
+                    "pp2xdp2-fsdp-interleaved-1f1b"],
 }
+CHUNKED = ("interleaved-1f1b", "zbv")
 
 
 @functools.cache
@@ -41,12 +44,21 @@ def test_zero_bubble_schedule_trains_like_one_device(model, plan):
     assert plan in results, f"{model} {plan}: no result; torchrun stderr:\n{stderr}"
     r = results[plan]
     assert "error" not in r, r["error"]
-    assert r["schedule"] == "zb-" + plan.split("-zb-")[1]
+    schedule = next((s for s in CHUNKED if plan.endswith("-" + s)), None) or "zb-" + plan.split("-zb-")[1]
+    assert r["schedule"] == schedule
     _check_equal_to_one_device(r)
     _check_rows(r)
     _check_stored(r)
-    assert r["split_backward"]
+    assert r["split_backward"] == (schedule != "interleaved-1f1b")
     assert r["actions_equal_simulated"]
+    stages = len(r["stage_layers"])
+    assert stages == r["pp"] * (2 if schedule in CHUNKED else 1)
+    if schedule in CHUNKED:  # every rank holds two stages, placed as the schedule places them
+        for p in r["per_rank"]:
+            place = p["rank"] // (4 // r["pp"])
+            pair = [place, place + r["pp"]] if schedule == "interleaved-1f1b" else [place, stages - 1 - place]
+            assert p["stages"] == sorted(pair), (p["rank"], p["stages"])
     if model == "custom-tied":  # the tied weight lives on the first and the last stage
-        stages = {p["stage"] for p in r["per_rank"] if "embed.weight" in p["shards"] or "head.weight" in p["shards"]}
-        assert stages == {0, r["pp"] - 1}
+        held = {s for p in r["per_rank"] if "embed.weight" in p["shards"] or "head.weight" in p["shards"]
+                for s in p["stages"]}
+        assert {0, stages - 1} <= held

@@ -51,8 +51,8 @@ def test_pins_and_batches_that_cannot_hold(gpt):
         _compile(model, batch, constraints=fxplan.Constraints(dp=2, tp=4))
     with pytest.raises(fxplan.ConstraintError, match="pp=3 does not divide"):
         _compile(model, batch, constraints=fxplan.Constraints(pp=3))
-    with pytest.raises(fxplan.ConstraintError, match="not supported by this version"):
-        _compile(model, batch, constraints=fxplan.Constraints(schedule="zbv", pp=2))
+    with pytest.raises(fxplan.ConstraintError, match="unknown schedule 'zb-h3'"):
+        _compile(model, batch, constraints=fxplan.Constraints(schedule="zb-h3", pp=2))
     with pytest.raises(fxplan.ConstraintError, match="unknown planner"):
         _compile(model, batch, planner="fastest")
 

@@ -66,7 +66,7 @@ def test_tied_sum_over_stages_with_different_layouts():
         grads[rank] = shard_tensor(full, shard)
     pieces = shared_pieces("w", holders)
     assert sum(n for _, _, n, _ in pieces) == math.prod(SHAPE)  # every element shared, once
-    slots = {rank: tied_slots(pieces, rank, {"w": "w"}) for rank, _, _ in holders}
+    slots = {rank: tied_slots(pieces, rank, {("w", stage): "w"}) for rank, stage, _ in holders}
     buffers = {(rank, key): pack(tuple(s), [grads[rank]] * len(s)) for rank in slots for key, s in slots[rank].items()}
     for key in {k for rank in slots for k in slots[rank]}:
         members = ranks_of(key)
@@ -80,3 +80,29 @@ def test_tied_sum_over_stages_with_different_layouts():
     # no group larger than the holders of one piece: stage 0 holds each row half on 2 ranks,
     # stage 1 each element on 1, stage 2 each element on 1
     assert max(len(ranks_of(k)) for rank in slots for k in slots[rank]) == 4
+
+
+def test_tied_sum_with_two_stages_on_one_rank():
+    """Under zbv a rank holds the first and the last stage: a weight tied between them has two
+    holders on one rank (their parts add up in one place of the buffer, and both get the sum back)
+    beside a third stage on another rank; a piece only one rank holds needs no group at all."""
+    torch.manual_seed(0)
+    whole = _shard(None, 1, 0, False, 1, 0)
+    for holders in ([(0, 0, whole), (0, 3, whole), (1, 1, whole)], [(0, 0, whole), (0, 3, whole)]):
+        contributions = {stage: torch.randn(SHAPE) for _, stage, _ in holders}
+        grads = {(r, stage): contributions[stage].clone() for r, stage, _ in holders}
+        pieces = shared_pieces("w", holders)
+        ranks = sorted({r for r, _, _ in holders})
+        attr = {(r, stage): f"stage{stage}.w" for r, stage, _ in holders}
+        slots = {r: tied_slots(pieces, r, {("w", s): attr[(q, s)] for q, s, _ in holders if q == r}) for r in ranks}
+        assert all(len(slot.also) == 1 for r in ranks for s in slots[r].values() for slot in s if r == 0)
+        by_attr = {attr[key]: grads[key] for key in grads}
+        for key in {k for r in ranks for k in slots[r]}:
+            assert sorted(ranks_of(key)) == ranks  # one member per rank, however many stages it holds
+            members = {r: tuple(slots[r][key]) for r in ranks}
+            total = sum(pack(s, [by_attr[x.attr] for x in s], by_attr.__getitem__) for s in members.values())
+            for s in members.values():
+                unpack(s, [by_attr[x.attr] for x in s], total, by_attr.__getitem__)
+        expected = sum(contributions.values())
+        for key, grad in grads.items():
+            assert torch.allclose(grad, expected, atol=1e-6), key

@@ -330,7 +330,7 @@ def run_plan(model_name: str, plan_name: str) -> dict:
     # what this rank really stores: state_dict key -> [full numel, local tensor numel]
     shards = {name: [_numel(ref_state[name].shape) if name in ref_state else -1, int(p.numel())]
               for name, p in runner.named_parameters()}
-    mine = {"rank": rank, "stage": runner.stage_index, "local_numel": sum(p.numel() for p in runner.parameters()),
+    mine = {"rank": rank, "stage": runner.stage_index, "stages": list(runner.stage_indices), "local_numel": sum(p.numel() for p in runner.parameters()),
             "shards": shards, "rows": sorted(counter.rows), "counts": counts, "losses": losses,
             "flops": flops.steps}
     per_rank: list = [None] * dist.get_world_size()

@@ -1,5 +1,6 @@
 """torchrun worker for tests/torchrun/test_schedule_matrix.py and bench/schedule_matrix.py: the
-zero-bubble schedules train like one device, ONE launch per model running many plans.
+zero-bubble and the chunked (interleaved-1f1b, zbv) schedules train like one device, ONE launch per
+model running many plans.
 
     torchrun --standalone --nproc-per-node 4 tests/torchrun/workers/schedule_matrix_worker.py \
         --model gpt --plans pp4-zb-h1,pp2xdp2-fsdp-zb-auto
@@ -82,7 +83,7 @@ def run_plan(model_name: str, plan_name: str) -> dict:
     result = base._run_plan(model_name, plan_name)
     runner = _RUNNERS[-1]
     loaded = [list(a) for a in runner._pipe.loaded_actions()]
-    simulated = [[a.stage, a.kind, a.microbatch] for a in schedules.for_plan(runner.plan).actions[runner.stage_index]]
+    simulated = [[a.stage, a.kind, a.microbatch] for a in schedules.for_plan(runner.plan).actions[runner.place]]
     same: list = [None] * dist.get_world_size()
     dist.all_gather_object(same, loaded == simulated)
     result["actions_equal_simulated"] = all(same)
