@@ -119,6 +119,9 @@ def main() -> int:
     # passes of tens of milliseconds, so that per-action overheads (p2p, bookkeeping) stay small
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--rows", type=int, default=128)
+    # many blocks per stage: the first stage's first block has no input gradient to compute, and
+    # with few blocks that alone leaves the first stage's backward a quarter short of the others'
+    parser.add_argument("--depth", type=int, default=2, help="blocks per stage")
     args = parser.parse_args()
     print(f"{'ranks':>5} {'m':>3} {'schedule':<9} {'step ms':>8} {'measured':>9} {'(range)':>13} {'in-sched':>9} "
           f"{'simulated':>9} {'barrier':>8} {'sim+lags':>8} {'lag ms':>10}   mean pass ms per rank")
@@ -126,7 +129,8 @@ def main() -> int:
     for world in (int(w) for w in args.world.split(",")):
         proc = run_torchrun(WORKER, world, ["--steps", str(args.steps), "--rounds", str(args.rounds),
                                                "--schedules", args.schedules,
-                                               "--width", str(args.width), "--rows", str(args.rows)],
+                                               "--width", str(args.width), "--rows", str(args.rows),
+                                               "--depth", str(args.depth)],
                             timeout_s=1800, env={"OMP_NUM_THREADS": "1", "FXPLAN_TIMEOUT_S": "120"})
         rows = tagged(proc.stdout)
         if not rows:

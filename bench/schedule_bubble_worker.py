@@ -34,10 +34,10 @@ class Blocks(nn.Module):
         return F.mse_loss(x, y)
 
 
-def runner_for(schedule: str, p: int, width: int, rows: int):
+def runner_for(schedule: str, p: int, width: int, rows: int, depth: int):
     m = 3 * p
     torch.manual_seed(0)
-    model = Blocks(2 * p, width)
+    model = Blocks(depth * p, width)
     batch = (torch.randn(m * rows, width), torch.randn(m * rows, width))
     compiled = fxplan.compile(model, batch, cluster=fxplan.Cluster.local(world_size=p), verbose=False,
                               constraints=fxplan.Constraints(pp=p, dp=1, tp=1, fsdp=False, recompute=False,
@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--schedules", default="gpipe,1f1b,zb-h1,zb-h2,zb-auto")
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--rows", type=int, default=64)
+    parser.add_argument("--depth", type=int, default=2, help="blocks per stage")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
@@ -82,7 +83,7 @@ def main() -> None:
     init_default_group()
     p = dist.get_world_size()
     names = args.schedules.split(",")
-    runners = {name: runner_for(name, p, args.width, args.rows) for name in names}
+    runners = {name: runner_for(name, p, args.width, args.rows, args.depth) for name in names}
     for runner, batch in runners.values():
         for _ in range(args.warmup):
             float(runner.train_step(*batch))

@@ -133,7 +133,8 @@ class Plan:
 
     def summary(self) -> str:
         solver = self.solver
-        head = (f"fxplan plan: {self.world_size} devices, global batch {self.batch_size}, pp={self.pp}, "
+        chunks = f", chunks={self.chunks} ({len(self.stages)} stages)" if self.chunks > 1 else ""
+        head = (f"fxplan plan: {self.world_size} devices, global batch {self.batch_size}, pp={self.pp}{chunks}, "
                 f"microbatches={self.microbatches}, schedule={self.schedule}{self._bubble_text()}\n"
                 f"estimated iteration {self.estimated_iteration_s * 1e3:.3f} ms  "
                 f"(planner {solver.planner}, {solver.status}, gap {solver.gap:.2%}, {solver.seconds:.2f} s)")

@@ -15,7 +15,7 @@ def draw_plan(plan: Plan, path: str) -> None:
     labels = sorted({str(s) for stage in plan.stages for s in stage.strategies.values()})
     colours = {label: plt.cm.tab20(i % 20) for i, label in enumerate(labels)}
     n_layers = max(len(plan.layers), 1)
-    fig, ax = plt.subplots(figsize=(min(max(8, 4 + n_layers * 0.25), 24), 1.8 + 0.6 * plan.pp))
+    fig, ax = plt.subplots(figsize=(min(max(8, 4 + n_layers * 0.25), 24), 1.8 + 0.6 * len(plan.stages)))
     x = 0
     for stage in plan.stages:
         for name in stage.layers:
@@ -24,11 +24,12 @@ def draw_plan(plan: Plan, path: str) -> None:
             x += 1
     for label, colour in colours.items():
         ax.barh(0, 0, color=colour, label=label)
-    ax.set_yticks(range(plan.pp))
+    ax.set_yticks(range(len(plan.stages)))
     ax.set_yticklabels([f"stage {s.index}\nranks {s.devices[0]}-{s.devices[-1]}" for s in plan.stages])
     ax.invert_yaxis()
     ax.set_xlabel("layers in pipeline order")
-    ax.set_title(f"pp={plan.pp}, {plan.microbatches} microbatches, {plan.schedule}: "
+    chunks = f" x {plan.chunks} chunks per rank" if plan.chunks > 1 else ""
+    ax.set_title(f"pp={plan.pp}{chunks}, {plan.microbatches} microbatches, {plan.schedule}: "
                  f"{plan.estimated_iteration_s * 1e3:.2f} ms / iteration (estimated)", fontsize=10)
     rows = (len(labels) + 3) // 4
     fig.legend(loc="lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False)

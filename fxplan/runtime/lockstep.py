@@ -128,11 +128,23 @@ def batch_digest(batch, device) -> torch.Tensor:
     for i, t in enumerate(batch):
         if not isinstance(t, torch.Tensor) or t.numel() == 0 or t.is_meta:
             continue
-        bits = _bits(t.detach())
-        rows = bits.reshape(bits.shape[0] if bits.dim() else 1, -1).sum(1, dtype=torch.int64)
+        rows = _row_sums(_bits(t.detach()))
         weights = torch.arange(1, rows.numel() + 1, dtype=torch.int64, device=rows.device)
         total = total * 1_000_003 + (rows * weights).sum().to(device) + i
     return total
+
+
+def _row_sums(bits: torch.Tensor) -> torch.Tensor:
+    """Per row (dim 0) the sum of its bits as int64 words, wrapping modulo 2**64 (as integer adds do
+    on every device, in any order). Read as 8-byte words where the row's bytes allow it: widening
+    4-byte words to int64 element by element costs 70x more (25 ms on a 6144 x 512 float batch)."""
+    flat = bits.reshape(bits.shape[0] if bits.dim() else 1, -1)
+    if flat.element_size() < 8 and (flat.shape[1] * flat.element_size()) % 8 == 0:
+        try:
+            return flat.view(torch.int64).sum(1)
+        except RuntimeError:  # a storage offset that is no multiple of 8 bytes: widen instead
+            pass
+    return flat.sum(1, dtype=torch.int64)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
