@@ -1,8 +1,9 @@
 """Measured steady-state pipeline bubble per schedule beside the simulator's prediction.
 
-    .venv/bin/python bench/schedule_bubble.py [--world 2,4] [--steps 4] [--rounds 5]
+    .venv/bin/python bench/schedule_bubble.py [--world 2,4] [--steps 12] [--rounds 3] [--depth 8]
 
-One pipeline of equal MLP blocks, pp = world (2 and 4 gloo CPU ranks), m = 3p microbatches. The
+One pipeline of equal MLP blocks (`--depth` per stage, width 512, 1024 rows per microbatch), pp =
+world (2 and 4 gloo CPU ranks), m = 3p microbatches. The
 schedules take turns in rounds, each schedule per round for several chained steps (train_step
 after train_step, no wait in between), so load from other jobs falls on all of them alike; each
 figure is the median over the rounds. The runtime times every F / I / W / B pass on every rank
@@ -41,13 +42,16 @@ from fxplan.schedules.simulator import run as simulate_events  # noqa: E402
 WORKER = os.path.join(HERE, "schedule_bubble_worker.py")
 
 
-def pass_times(ranks: list) -> dict:
+def pass_times(ranks: list, chunks: int = 1) -> dict:
+    """Per rank F, I, W (B for fused schedules) of one microbatch through all its chunks: the
+    simulator gives each of a rank's chunks 1/chunks of them."""
     ranks = sorted(ranks, key=lambda x: x["rank"])
     fused = not any("I" in x["mean"] for x in ranks)
     # the first stage's I pass is empty (its whole backward runs in W): the simulator knows
-    return {"t_f": [x["mean"]["F"] for x in ranks],
-            "t_b": [x["mean"]["B"] if fused else x["mean"].get("I", 0.0) for x in ranks],
-            "t_w": [0.0 if fused else x["mean"]["W"] - (x["mean"].get("I", 0.0) if i == 0 else 0.0)
+    first = 0.0 if chunks > 1 else 1.0  # with chunks, rank 0's mean I also averages a real one
+    return {"t_f": [chunks * x["mean"]["F"] for x in ranks],
+            "t_b": [chunks * (x["mean"]["B"] if fused else x["mean"].get("I", 0.0)) for x in ranks],
+            "t_w": [0.0 if fused else chunks * (x["mean"]["W"] - (first * x["mean"].get("I", 0.0) if i == 0 else 0.0))
                     for i, x in enumerate(ranks)]}
 
 
@@ -80,7 +84,7 @@ def predicted(name: str, p: int, m: int, ranks: list, t_comm: float = 0.0,
               per_pass: float = 0.0) -> tuple[float, float]:
     """(chained, with a barrier between iterations) bubble of `name` on these measured pass times,
     optionally with a latency on every hop and a fixed cost added to every F."""
-    times = pass_times(ranks)
+    times = pass_times(ranks, schedules.default_chunks(name))
     times["t_f"] = [t + per_pass for t in times["t_f"]]
     times["t_comm"] = t_comm
     r = schedules.simulate(name, p, m, **times)
@@ -95,7 +99,9 @@ def figures(r: dict) -> dict:
     for rnd in r["rounds"]:
         busy = sum(x["busy"] for x in rnd["ranks"])
         chained, barrier = predicted(r["schedule"], p, m, rnd["ranks"])
-        waited, own = lags(rnd["ranks"])
+        # a chunked rank's passes alternate between its stages: its timeline does not say which
+        # stage a pass waited on, so no lags are read for those schedules
+        waited, own = lags(rnd["ranks"]) if schedules.default_chunks(r["schedule"]) == 1 else (0.0, 0.0)
         actions = sum(len(ops) for ops in schedules.build(r["schedule"], p, m).actions) / p
         # the bookkeeping between passes spread over the F passes: each rank pays it once per action
         with_lags, _ = predicted(r["schedule"], p, m, rnd["ranks"], t_comm=waited, per_pass=own * actions / m)
@@ -113,15 +119,16 @@ def figures(r: dict) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--world", default="2,4")
-    parser.add_argument("--steps", type=int, default=4)
+    # many chained steps per round: each round's last step drains without a next one to overlap
+    parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--schedules", default="gpipe,1f1b,zb-h1,zb-h2,zb-auto")
+    parser.add_argument("--schedules", default="gpipe,1f1b,interleaved-1f1b,zb-h1,zb-h2,zb-auto,zbv")
     # passes of tens of milliseconds, so that per-action overheads (p2p, bookkeeping) stay small
-    parser.add_argument("--width", type=int, default=1024)
-    parser.add_argument("--rows", type=int, default=128)
+    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--rows", type=int, default=1024)
     # many blocks per stage: the first stage's first block has no input gradient to compute, and
     # with few blocks that alone leaves the first stage's backward a quarter short of the others'
-    parser.add_argument("--depth", type=int, default=2, help="blocks per stage")
+    parser.add_argument("--depth", type=int, default=8, help="blocks per stage")
     args = parser.parse_args()
     print(f"{'ranks':>5} {'m':>3} {'schedule':<9} {'step ms':>8} {'measured':>9} {'(range)':>13} {'in-sched':>9} "
           f"{'simulated':>9} {'barrier':>8} {'sim+lags':>8} {'lag ms':>10}   mean pass ms per rank")

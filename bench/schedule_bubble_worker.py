@@ -69,7 +69,7 @@ def one_round(runner, batch, steps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--schedules", default="gpipe,1f1b,zb-h1,zb-h2,zb-auto")
+    parser.add_argument("--schedules", default="gpipe,1f1b,interleaved-1f1b,zb-h1,zb-h2,zb-auto,zbv")
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--depth", type=int, default=2, help="blocks per stage")
