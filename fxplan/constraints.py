@@ -15,6 +15,24 @@ CHUNKS = {"interleaved-1f1b": 2, "zbv": 2}
 
 def chunks_of(schedule: str | None) -> int:
     return CHUNKS.get(schedule, 1)
+
+
+def stages_fit(schedule: str | None, pp: int, num_layers: int) -> bool:
+    """Whether `schedule` on pp places has its pp * chunks stages, at least a layer each: a schedule
+    with several chunks per rank also needs a pipeline of ranks (pp >= 2) to spread them over."""
+    chunks = chunks_of(schedule)
+    return pp * chunks <= num_layers and (chunks == 1 or pp > 1)
+
+
+def enough_microbatches(schedule: str, pp: int, microbatches: int) -> bool:
+    """1F1B and the zero-bubble schedules want a microbatch per stage in flight; with fewer they
+    degenerate into GPipe (with or without a split backward) anyway. Interleaved 1F1B runs its
+    microbatches in rounds of pp (its lists need microbatches divisible by pp)."""
+    if schedule == "interleaved-1f1b" and microbatches % pp:
+        return False
+    return not (schedule != "gpipe" and microbatches < pp)
+
+
 RUNNABLE_SCHEDULES = ("1f1b", "zb-h1", "zb-h2", "zb-auto", "gpipe")
 """The schedules this version plans and runs (the cost model's bubble and memory terms and the runtime
 all handle them), best first: with one stage, where every schedule costs the same, 1F1B is planned

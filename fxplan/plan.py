@@ -123,6 +123,11 @@ class Plan:
                 return stage.index
         raise KeyError(layer)
 
+    @property
+    def placement(self) -> Placement:
+        """Which place along the pipeline runs each stage (a loop, or zbv's V)."""
+        return stage_placement(self.schedule, self.pp, self.chunks)
+
     def stages_of_rank(self, rank: int) -> tuple[int, ...]:
         """The indices of the stages `rank` holds, in pipeline order (one, or `chunks`)."""
         return tuple(s.index for s in self.stages if rank in s.devices)
@@ -255,7 +260,7 @@ class Plan:
                 if strat.fsdp and strat.dp == 1:
                     raise PlanFileError(f"layer {name}: fsdp needs dp > 1 (it shards over the dp axis); set fsdp false "
                                         f"or dp > 1")
-        placement = stage_placement(self.schedule, self.pp, self.chunks)
+        placement = self.placement
         for r in range(self.pp):  # a rank's chunks share its devices: every stage of place r has one set
             held = {tuple(self.stages[i].devices) for i in placement.stages_of(r)}
             if len(held) != 1:

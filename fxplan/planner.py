@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, replace
 
 from fxplan.cluster import Cluster
-from fxplan.constraints import PINNED_ONLY_SCHEDULES, RUNNABLE_SCHEDULES, Constraints, chunks_of
+from fxplan.constraints import PINNED_ONLY_SCHEDULES, RUNNABLE_SCHEDULES, Constraints, chunks_of, enough_microbatches
 from fxplan.errors import ConstraintError, InfeasiblePlanError, PlanFileError
 from fxplan.passes.cost.model import CostModel
 from fxplan.passes.cost.schedule_costs import GREEDY_SHARE
@@ -26,7 +26,7 @@ from fxplan.passes.solve.search import Assignment, search
 from fxplan.plan import Plan, SolverInfo, Stage, Strategy, stage_placement
 from fxplan.schedule_plan import schedule_assumptions
 from fxplan.search_space import (
-    candidates, check_batch_coupling, dominated_by, enough_microbatches, pipeline_degrees, tensor_degrees, why_no_candidate)
+    candidates, check_batch_coupling, dominated_by, pipeline_degrees, tensor_degrees, why_no_candidate)
 
 PLANNERS = ("miqp", "grid", "exhaustive")
 

@@ -11,7 +11,8 @@ import math
 from dataclasses import replace
 
 from fxplan.cluster import Cluster
-from fxplan.constraints import PINNED_ONLY_SCHEDULES, RUNNABLE_SCHEDULES, Constraints, chunks_of
+from fxplan.constraints import (PINNED_ONLY_SCHEDULES, RUNNABLE_SCHEDULES, Constraints, chunks_of,
+                                enough_microbatches, stages_fit)
 from fxplan.errors import ConstraintError
 from fxplan.passes.ir import LayerGraph
 from fxplan.passes.solve.problem import Candidate
@@ -29,15 +30,6 @@ DOMINATED = {"gpipe": "1f1b", "zb-h2": "zb-auto", "zb-auto": "zb-h1"}
 zb-h2's list among the ones it picks the fastest of; with no more microbatches than stages zb-h1
 holds as many as zb-auto at the same bubble (the same problem, solved once). The search checks
 each claim on the candidates' arrays before it prunes by it (search._dominates)."""
-
-
-def enough_microbatches(schedule: str, pp: int, microbatches: int) -> bool:
-    """1F1B and the zero-bubble schedules want a microbatch per stage in flight; with fewer they
-    degenerate into GPipe (with or without a split backward) anyway. Interleaved 1F1B runs its
-    microbatches in rounds of pp (its lists need microbatches divisible by pp)."""
-    if schedule == "interleaved-1f1b" and microbatches % pp:
-        return False
-    return not (schedule != "gpipe" and microbatches < pp)
 
 
 def _fits_no_stage(name: str, value: int, stage_sizes) -> str | None:
@@ -60,8 +52,7 @@ def pipeline_degrees(cluster: Cluster, num_layers: int, constraints: Constraints
         if chunks > 1 and constraints.pp < 2:
             raise ConstraintError(f"schedule {constraints.schedule!r} spreads {chunks} stages per rank over a pipeline "
                                   f"of ranks; pp=1 has none: pin pp >= 2, or another schedule")
-    return [pp for pp in divisors(n) if pp * chunks <= num_layers and (chunks == 1 or pp > 1)
-            and constraints.allows(pp=pp)]
+    return [pp for pp in divisors(n) if stages_fit(constraints.schedule, pp, num_layers) and constraints.allows(pp=pp)]
 
 
 def tensor_degrees(cluster: Cluster, pps: list[int], constraints: Constraints) -> tuple[int, ...]:

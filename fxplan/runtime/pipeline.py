@@ -10,8 +10,9 @@ sends and receives: F, fused B, or B split into I (input gradient, sent upstream
 
 Shapes are static: before the first step the lane runs one probe forward in pipeline order
 (stage 0 on the real first microbatch, later stages on zeros of the received shapes) and passes
-shapes/dtypes/requires_grad along with send_object_list (in place between two stages of one rank). A probe with real tensors (not meta)
-works with collectives inside the stage graphs, which meta tensors cannot run through gloo/NCCL.
+shapes/dtypes/requires_grad along with send_object_list (in place between two stages of one rank).
+A probe with real tensors (not meta) works with collectives inside the stage graphs, which meta
+tensors cannot run through gloo/NCCL.
 """
 
 from __future__ import annotations

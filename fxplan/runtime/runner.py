@@ -30,7 +30,6 @@ from fxplan.codegen.program import EmitSource, RankProgram
 from fxplan.errors import DistributedSetupError
 from fxplan.plan import Plan
 from fxplan import schedules
-from fxplan.plan import stage_placement
 from fxplan.runtime import chunks, full_state, materialize, pipeline
 from fxplan.runtime.batches import check_batch, is_batched, microbatches
 from fxplan.runtime.collectives import GRAPH_OPS, fxplan_all_gather_rs
@@ -99,7 +98,8 @@ class Runner:
         # repeat for the places holding several chunks)
         self.lane = tuple(sorted({s.devices[self.position] for s in plan.stages}))
         self.place = self.lane.index(self.rank)
-        if any(s.devices[self.position] != self.lane[placement_of(plan).rank_of(s.index)] for s in plan.stages):
+        placement = plan.placement
+        if any(s.devices[self.position] != self.lane[placement.rank_of(s.index)] for s in plan.stages):
             raise DistributedSetupError(
                 f"pipeline lane {self.lane} is not in increasing rank order along the pipeline; give later "
                 f"places higher ranks")
@@ -303,10 +303,6 @@ def _set_attr(root: nn.Module, target: str, value) -> None:
         mod.register_parameter(last, value)
     else:
         mod.register_buffer(last, value)
-
-
-def placement_of(plan: Plan):
-    return stage_placement(plan.schedule, plan.pp, plan.chunks)
 
 
 def _merged_program(programs: list[RankProgram]) -> RankProgram:

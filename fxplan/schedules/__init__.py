@@ -16,7 +16,7 @@ from fxplan.errors import ConstraintError
 from fxplan.plan import stage_placement
 from fxplan.schedules import fixed, greedy
 from fxplan.schedules.actions import Action, Placement, Schedule, check_shape
-from fxplan.schedules.simulator import Event, SimResult, held_activations, simulate_schedule
+from fxplan.schedules.simulator import Event, SimResult, held_activations, held_per_stage, simulate_schedule
 from fxplan.schedules.timing import PassTimes
 
 

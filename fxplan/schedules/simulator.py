@@ -61,14 +61,30 @@ def _dependencies(action: Action, num_stages: int, backward_kind: dict) -> list[
     return [("i", s, k)]
 
 
+_HELD = {"F": 1, "W": -1, "B": -1}
+"""What an action does to the microbatch activations its stage holds: F keeps them, W or a fused B
+frees them (an I pass keeps them for its W)."""
+
+
+def held_per_stage(schedule: Schedule) -> tuple[int, ...]:
+    """Per stage, the most microbatches' activations it holds at once; order alone decides it."""
+    peaks = [0] * schedule.placement.num_stages
+    for ops in schedule.actions:
+        held = [0] * len(peaks)
+        for a in ops:
+            held[a.stage] += _HELD.get(a.kind, 0)
+            peaks[a.stage] = max(peaks[a.stage], held[a.stage])
+    return tuple(peaks)
+
+
 def held_activations(schedule: Schedule) -> tuple[float, ...]:
-    """Per rank, the peak of microbatch activations held: +1 at F, -1 at its W or fused B (a chunk's
-    activations count 1/chunks); order alone decides it, not times."""
+    """Per rank, the peak of microbatch activations held (a chunk's activations count 1/chunks);
+    order alone decides it, not times."""
     peaks = []
     for ops in schedule.actions:
         held = peak = 0
         for a in ops:
-            held += 1 if a.kind == "F" else -1 if a.kind in ("W", "B") else 0
+            held += _HELD.get(a.kind, 0)
             peak = max(peak, held)
         peaks.append(peak / schedule.placement.chunks)
     return tuple(peaks)

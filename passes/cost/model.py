@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from fxplan.cluster import Cluster
-from fxplan.constraints import Constraints, chunks_of
+from fxplan.constraints import Constraints, chunks_of, enough_microbatches, stages_fit
 from fxplan.passes.cost.mesh import StageMesh
 from fxplan.passes.cost.compute_time import forward_time
 from fxplan.passes.cost.schedule_costs import schedule_fields
@@ -117,10 +117,10 @@ class CostModel:
         if not pins.allows(pp=pp, microbatches=microbatches, schedule=schedule):
             return None
         chunks = chunks_of(schedule)  # stages per rank
-        if pp < 1 or self.world % pp or pp * chunks > len(self.graph.layers):
+        if pp < 1 or self.world % pp or not stages_fit(schedule, pp, len(self.graph.layers)):
             return None
-        if chunks > 1 and (pp < 2 or microbatches < pp or (schedule == "interleaved-1f1b" and microbatches % pp)):
-            return None
+        if chunks > 1 and not enough_microbatches(schedule, pp, microbatches):
+            return None  # a chunked list cannot be built (one-chunk ones degrade to GPipe's shape)
         if microbatches < 1 or self.batch_size % microbatches:
             return None
         if microbatches > 1 and any(layer.batch_coupled for layer in self.graph.layers):

@@ -35,7 +35,7 @@ def schedule_fields(schedule: str, pp: int, microbatches: int, fwd, bwd, wgt, cl
         f, b, w = f + float(tf[k]), b + float(tb[k]), w + float(tw[k])
     chunked = {}
     if chunks_of(schedule) > 1:
-        chunked = dict(chunked_fields(schedule, pp, microbatches, f, b, w))
+        chunked = chunked_fields(schedule, pp, microbatches, f, b, w)
         share = chunked.pop("bubble_share")
     elif share_floor and schedule in GREEDY_SHARE and pp > 1:
         share = 0.0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 
 from fxplan import schedules
+from fxplan.constraints import chunks_of
 
 SPLIT_BACKWARD = ("zb-h1", "zb-h2", "zb-auto", "zbv")
 """Schedules whose backward runs as separate I and W passes."""
@@ -66,24 +67,16 @@ def chunked_fields(schedule: str, pp: int, microbatches: int, f: float, b: float
     for equal stages; beta is read off the lists: chunks * (I - c) / (pp chunks - 1), I the
     simulated chained iteration of unit rank time. `held`: per stage, the most microbatches'
     activations it holds at once (each stage's own peak, counted on the lists)."""
-    from fxplan.constraints import chunks_of
-
     v = chunks_of(schedule)
     total = f + b + w
     f, b, w = (f / total, b / total, w / total) if total > 0 else (1 / 3, 1 / 3, 1 / 3)
     key = tuple(round(x, 2) for x in (f, b, w))
-    return _chunked(schedule, pp, microbatches, v, *key)
+    share, held = _chunked(schedule, pp, microbatches, v, *key)
+    return {"bubble_share": share, "held": held}
 
 
 @functools.lru_cache(maxsize=256)
-def _chunked(schedule: str, pp: int, c: int, v: int, f: float, b: float, w: float) -> dict:
+def _chunked(schedule: str, pp: int, c: int, v: int, f: float, b: float, w: float) -> tuple[float, tuple[int, ...]]:
     result = schedules.simulate(schedule, pp, c, t_f=f, t_b=b, t_w=w)
-    stages = pp * v
-    share = v * (result.iteration_time / (f + b + w) - c) / (stages - 1)  # the key's rounding keeps T = 1
-    held = [0] * stages
-    for ops in result.schedule.actions:
-        count = [0] * stages
-        for a in ops:
-            count[a.stage] += 1 if a.kind == "F" else -1 if a.kind in ("W", "B") else 0
-            held[a.stage] = max(held[a.stage], count[a.stage])
-    return {"bubble_share": max(0.0, share), "held": tuple(held)}
+    share = v * (result.iteration_time / (f + b + w) - c) / (pp * v - 1)  # the key's rounding keeps T = 1
+    return max(0.0, share), schedules.held_per_stage(result.schedule)
